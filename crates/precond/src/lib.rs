@@ -1,0 +1,29 @@
+//! precond: memory-efficient second-order optimizers for deep learning.
+//!
+//! The flagship is the shared-basis block low-rank preconditioner of Yen, Duvvuri, Dhillon and
+//! Hsieh (NeurIPS 2023), [`shared_basis`]. Methods are composed the way Google's tearfree and
+//! optax compose optimizers: a [`preconditioner::Preconditioner`] turns a gradient into a raw
+//! direction; grafting, momentum, weight decay and learning-rate schedules wrap it.
+
+pub mod error;
+pub mod graft;
+pub mod linalg;
+pub mod momentum;
+pub mod optimizer;
+pub mod preconditioner;
+pub mod scalar;
+pub mod schedule;
+pub mod shared_basis;
+pub mod view;
+pub mod weight_decay;
+
+pub use error::{PrecondError, Result};
+pub use graft::{GraftConfig, GraftKind, GraftState};
+pub use momentum::{MomentumConfig, MomentumState};
+pub use optimizer::{Fallback, Method, MethodState, OptimizerConfig, ParamOptimizer, ParamPath};
+pub use preconditioner::Preconditioner;
+pub use scalar::Scalar;
+pub use schedule::Schedule;
+pub use shared_basis::{RhoMode, SharedBasis, SharedBasisConfig};
+pub use view::ParamView;
+pub use weight_decay::{WeightDecayConfig, WeightDecayMode};

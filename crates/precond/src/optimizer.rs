@@ -1,0 +1,1021 @@
+//! The full optimizer for ONE parameter: preconditioner, grafting, weight decay, momentum and the
+//! parameter step, composed as distributed_shampoo composes them (NOTES §4). The burn adapter and
+//! the CLI hold one [`ParamOptimizer`] per parameter and pass the scheduled learning rate in.
+//!
+//! One step, with every direction a descent direction (θ ← θ + lr·u):
+//! 1. r = grafting direction of g ([`crate::graft`], NOTES §4 step 1).
+//! 2. If the parameter is preconditioned: gather g into its (b, m) view, precondition, scatter
+//!    back to d. The statistics are updated on *every* step from step 1, so Algorithm 1's sums stay
+//!    exact. If t ≥ `start_preconditioning_step`, u = d rescaled to ‖r‖ (NOTES §4 step 2; unscaled
+//!    for [`GraftKind::None`]), otherwise u = r.
+//! 3. Coupled weight decay u ← u − rate·θ (NOTES §4 step 3).
+//! 4. Momentum (NOTES §4 step 4).
+//! 5. θ ← θ + lr·u, with decoupled decay θ ← θ − lr·rate·θ folded in (NOTES §4 step 5).
+//!
+//! Parameters that are 1-D, excluded by the caller, or whose view has b > `max_block_size` take
+//! the [`Fallback`] path: the grafting optimizer alone, or SGD with momentum (the paper's choice
+//! for the embedding table).
+//!
+//! [`GraftKind::None`]: crate::graft::GraftKind::None
+
+use crate::error::{invalid, PrecondError, Result};
+use crate::graft::{GraftConfig, GraftKind, GraftState};
+use crate::momentum::{MomentumConfig, MomentumState};
+use crate::preconditioner::Preconditioner;
+use crate::shared_basis::{SharedBasis, SharedBasisConfig};
+use crate::view::ParamView;
+use crate::weight_decay::WeightDecayConfig;
+use faer::{MatMut, MatRef};
+use serde::{Deserialize, Serialize};
+
+/// The second-order method applied to eligible parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Method {
+    /// The shared-basis block low-rank preconditioner (Algorithm 1).
+    SharedBasis(SharedBasisConfig),
+    /// No preconditioner: the grafting optimizer alone (e.g. Adam or RMSProp as a baseline).
+    GraftOnly,
+}
+
+impl Default for Method {
+    fn default() -> Self {
+        Method::SharedBasis(SharedBasisConfig::default())
+    }
+}
+
+/// What a parameter that is not preconditioned (1-D, excluded, or b > `max_block_size`) does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fallback {
+    /// The grafting direction, then weight decay and momentum as usual (distributed_shampoo's
+    /// treatment of parameters it does not precondition).
+    #[default]
+    Graft,
+    /// Direction −g, then weight decay and momentum: the paper's "sgd with momentum" for the
+    /// embedding layer. Holds no grafting buffers.
+    SgdMomentum,
+}
+
+/// Configuration of the per-parameter optimizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OptimizerConfig {
+    /// The preconditioner for eligible parameters.
+    pub method: Method,
+    /// Grafting (default RMSPROP_NORMALIZED, β2 0.999, eps 1e-10: NOTES §4).
+    pub graft: GraftConfig,
+    /// Momentum (default β1 0.9, Nesterov).
+    pub momentum: MomentumConfig,
+    /// Weight decay (default off).
+    pub weight_decay: WeightDecayConfig,
+    /// First step (1-based) at which the preconditioned direction is used; before it the grafting
+    /// direction is used alone, while the statistics are still updated. Default 1 (**ours**:
+    /// precondition from the first step, as Algorithm 1 does; distributed_shampoo defaults to 5).
+    pub start_preconditioning_step: u64,
+    /// A parameter whose view has more than this many rows b is not preconditioned (default 4096,
+    /// distributed_shampoo's limit; the paper's embedding table falls under it).
+    pub max_block_size: usize,
+    /// What parameters that are not preconditioned do.
+    pub fallback: Fallback,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::default(),
+            graft: GraftConfig::default(),
+            momentum: MomentumConfig::default(),
+            weight_decay: WeightDecayConfig::default(),
+            start_preconditioning_step: 1,
+            max_block_size: 4096,
+            fallback: Fallback::Graft,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// Checks every field; returns an error naming the bad one.
+    pub fn validate(&self) -> Result<()> {
+        if let Method::SharedBasis(c) = &self.method {
+            c.validate()?;
+        }
+        self.graft.validate()?;
+        self.momentum.validate()?;
+        self.weight_decay.validate()?;
+        if self.start_preconditioning_step == 0 {
+            return Err(invalid(
+                "start_preconditioning_step",
+                0,
+                "steps count from 1",
+            ));
+        }
+        if self.max_block_size == 0 {
+            return Err(invalid("max_block_size", 0, "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// The serializable state of the second-order method of one parameter. New methods add variants.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MethodState {
+    /// Algorithm 1's basis, coefficients and lost mass.
+    SharedBasis(SharedBasis<f32>),
+}
+
+impl Preconditioner<f32> for MethodState {
+    fn precondition(&mut self, grad: MatRef<'_, f32>, direction: MatMut<'_, f32>) -> Result<()> {
+        match self {
+            MethodState::SharedBasis(s) => s.precondition(grad, direction),
+        }
+    }
+    fn state_bytes(&self) -> usize {
+        match self {
+            MethodState::SharedBasis(s) => s.state_bytes(),
+        }
+    }
+    fn steps(&self) -> u64 {
+        match self {
+            MethodState::SharedBasis(s) => Preconditioner::<f32>::steps(s),
+        }
+    }
+}
+
+/// Which path a parameter takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParamPath {
+    /// Preconditioned direction, grafted.
+    Preconditioned,
+    /// The grafting direction alone.
+    Graft,
+    /// −g with momentum.
+    SgdMomentum,
+}
+
+/// Optimizer state of one parameter. `P` is the preconditioner; the default [`MethodState`] is
+/// built from the config by [`ParamOptimizer::new`]. Serializable (work buffers are skipped and
+/// reallocated on the first step after loading).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ParamOptimizer<P = MethodState> {
+    config: OptimizerConfig,
+    view: ParamView,
+    path: ParamPath,
+    precond: Option<P>,
+    graft: GraftState,
+    momentum: MomentumState,
+    step: u64,
+    #[serde(skip)]
+    work_a: Vec<f32>,
+    #[serde(skip)]
+    work_b: Vec<f32>,
+}
+
+impl ParamOptimizer<MethodState> {
+    /// State for a parameter of `shape` (row-major), blocks along `block_axis` (default last),
+    /// `excluded` forcing the fallback path. Validates the config.
+    pub fn new(
+        config: &OptimizerConfig,
+        shape: &[usize],
+        block_axis: Option<usize>,
+        excluded: bool,
+    ) -> Result<Self> {
+        Self::with_preconditioner(config, shape, block_axis, excluded, |view| {
+            match &config.method {
+                Method::SharedBasis(c) => Ok(MethodState::SharedBasis(SharedBasis::new(
+                    c.clone(),
+                    view.rows(),
+                    view.blocks(),
+                )?)),
+                Method::GraftOnly => Err(invalid("method", "GraftOnly", "has no preconditioner")),
+            }
+        })
+    }
+}
+
+impl<P: Preconditioner<f32>> ParamOptimizer<P> {
+    /// Like [`ParamOptimizer::new`] with a caller-built preconditioner: `make(view)` is called
+    /// only when the parameter is preconditioned, i.e. when `config.method` is not
+    /// [`Method::GraftOnly`] and the parameter is not 1-D, not excluded, and has b ≤
+    /// `max_block_size`. (The method's own config in `config.method` is then not used.)
+    pub fn with_preconditioner(
+        config: &OptimizerConfig,
+        shape: &[usize],
+        block_axis: Option<usize>,
+        excluded: bool,
+        make: impl FnOnce(&ParamView) -> Result<P>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let view = ParamView::new(shape, block_axis)?;
+        let falls_back = excluded || view.is_vector() || view.rows() > config.max_block_size;
+        let path = if falls_back {
+            match config.fallback {
+                Fallback::Graft => ParamPath::Graft,
+                Fallback::SgdMomentum => ParamPath::SgdMomentum,
+            }
+        } else if config.method == Method::GraftOnly {
+            ParamPath::Graft
+        } else {
+            ParamPath::Preconditioned
+        };
+        let precond = if path == ParamPath::Preconditioned {
+            Some(make(&view)?)
+        } else {
+            None
+        };
+        let n = view.numel();
+        let graft_cfg = if path == ParamPath::SgdMomentum {
+            GraftConfig {
+                kind: GraftKind::None,
+                ..config.graft
+            }
+        } else {
+            config.graft
+        };
+        let graft = GraftState::new(&graft_cfg, n)?;
+        let momentum = MomentumState::new(&config.momentum, n)?;
+        let work_b = if path == ParamPath::Preconditioned {
+            vec![0.0; n]
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            config: config.clone(),
+            view,
+            path,
+            precond,
+            graft,
+            momentum,
+            step: 0,
+            work_a: vec![0.0; n],
+            work_b,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OptimizerConfig {
+        &self.config
+    }
+
+    /// The parameter's (b, m) view.
+    pub fn view(&self) -> &ParamView {
+        &self.view
+    }
+
+    /// Which path this parameter takes.
+    pub fn path(&self) -> ParamPath {
+        self.path
+    }
+
+    /// True when the parameter is preconditioned.
+    pub fn is_preconditioned(&self) -> bool {
+        self.path == ParamPath::Preconditioned
+    }
+
+    /// The preconditioner, when there is one.
+    pub fn preconditioner(&self) -> Option<&P> {
+        self.precond.as_ref()
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Bytes of optimizer state: preconditioner + grafting + momentum buffers (workspaces
+    /// excluded).
+    pub fn state_bytes(&self) -> usize {
+        self.precond.as_ref().map_or(0, |p| p.state_bytes())
+            + self.graft.state_bytes()
+            + self.momentum.state_bytes()
+    }
+
+    /// One optimizer step: `param` ← `param` + `lr`·(update), see the module docs. `param` and
+    /// `grad` are the flat row-major tensor. Errors, with no state changed: ShapeMismatch on a
+    /// wrong length, NonFiniteGradient on NaN/∞ in `grad`, InvalidConfig on a non-finite `lr`,
+    /// and any error of the preconditioner. If the preconditioner returns a non-finite direction,
+    /// the step is refused with LinalgFailure and the parameter is untouched (the preconditioner's
+    /// statistics have then already absorbed the gradient).
+    pub fn step(&mut self, param: &mut [f32], grad: &[f32], lr: f32) -> Result<()> {
+        let n = self.view.numel();
+        if param.len() != n || grad.len() != n {
+            return Err(PrecondError::ShapeMismatch {
+                expected: format!("{n} elements (shape {:?})", self.view.shape()),
+                got: format!("param {} / grad {} elements", param.len(), grad.len()),
+            });
+        }
+        if !lr.is_finite() {
+            return Err(invalid("lr", lr, "must be finite"));
+        }
+        let t = self.step + 1;
+        if grad.iter().any(|g| !g.is_finite()) {
+            return Err(PrecondError::NonFiniteGradient {
+                step: t,
+                param: None,
+            });
+        }
+        // Workspaces are skipped by serde: reallocate after loading.
+        if self.work_a.len() != n {
+            self.work_a = vec![0.0; n];
+        }
+        let Self {
+            view,
+            path,
+            precond,
+            graft,
+            momentum,
+            config,
+            work_a,
+            work_b,
+            ..
+        } = self;
+        let update: &mut [f32] = match *path {
+            ParamPath::Preconditioned => {
+                let p = precond.as_mut().ok_or_else(|| {
+                    PrecondError::StateMismatch(
+                        "preconditioned parameter has no preconditioner".into(),
+                    )
+                })?;
+                if work_b.len() != n {
+                    *work_b = vec![0.0; n];
+                }
+                let (b, m) = (view.rows(), view.blocks());
+                view.gather(grad, MatMut::from_column_major_slice_mut(work_a, b, m))?;
+                p.precondition(
+                    MatRef::from_column_major_slice(work_a, b, m),
+                    MatMut::from_column_major_slice_mut(work_b, b, m),
+                )?;
+                view.scatter(MatRef::from_column_major_slice(work_b, b, m), work_a)?;
+                if work_a.iter().any(|x| !x.is_finite()) {
+                    return Err(PrecondError::LinalgFailure {
+                        kernel: "precondition",
+                        step: t,
+                    });
+                }
+                // r into work_b (its matrix content has been scattered to d = work_a).
+                graft.direction(grad, work_b)?;
+                if t >= config.start_preconditioning_step {
+                    graft.rescale(work_a, work_b);
+                    work_a
+                } else {
+                    work_b
+                }
+            }
+            ParamPath::Graft => {
+                graft.direction(grad, work_a)?;
+                work_a
+            }
+            ParamPath::SgdMomentum => {
+                for (u, &g) in work_a.iter_mut().zip(grad) {
+                    *u = -g;
+                }
+                work_a
+            }
+        };
+        config.weight_decay.apply_coupled(update, param);
+        momentum.apply(update)?;
+        config.weight_decay.apply_step(param, update, lr);
+        self.step = t;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graft::tests::grads;
+    use crate::schedule::Schedule;
+    use crate::weight_decay::WeightDecayMode;
+
+    /// Test-only preconditioner: per-block (column) Adagrad on the block norm,
+    /// d_i = −g_i / (sqrt(Σ_t ‖g_i‖²) + c), plus a fixed per-row weight so that the direction
+    /// is not parallel to g and depends on the view's row order.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    struct BlockNorm {
+        acc: Vec<f64>,
+        c: f64,
+        calls: u64,
+        poison: bool,
+    }
+
+    impl BlockNorm {
+        fn new(view: &ParamView) -> Self {
+            Self {
+                acc: vec![0.0; view.blocks()],
+                c: 0.5,
+                calls: 0,
+                poison: false,
+            }
+        }
+    }
+
+    fn row_weight(r: usize) -> f64 {
+        1.0 + 0.25 * (r % 3) as f64
+    }
+
+    impl Preconditioner<f32> for BlockNorm {
+        fn precondition(
+            &mut self,
+            grad: MatRef<'_, f32>,
+            mut direction: MatMut<'_, f32>,
+        ) -> Result<()> {
+            for j in 0..grad.ncols() {
+                let s: f64 = (0..grad.nrows())
+                    .map(|i| (grad[(i, j)] as f64).powi(2))
+                    .sum();
+                self.acc[j] += s;
+                for i in 0..grad.nrows() {
+                    let d = -row_weight(i) * grad[(i, j)] as f64 / (self.acc[j].sqrt() + self.c);
+                    direction[(i, j)] = if self.poison { f32::NAN } else { d as f32 };
+                }
+            }
+            self.calls += 1;
+            Ok(())
+        }
+        fn state_bytes(&self) -> usize {
+            self.acc.len() * 8
+        }
+        fn steps(&self) -> u64 {
+            self.calls
+        }
+    }
+
+    fn with_block_norm(
+        cfg: &OptimizerConfig,
+        shape: &[usize],
+        axis: Option<usize>,
+    ) -> ParamOptimizer<BlockNorm> {
+        ParamOptimizer::with_preconditioner(cfg, shape, axis, false, |v| Ok(BlockNorm::new(v)))
+            .unwrap()
+    }
+
+    fn init_param(n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32) * 0.37).cos()).collect()
+    }
+
+    #[test]
+    fn never_reached_start_equals_graft_alone() {
+        let shape = [6usize, 4];
+        let n = 24;
+        let cfg = OptimizerConfig {
+            start_preconditioning_step: u64::MAX,
+            weight_decay: WeightDecayConfig {
+                rate: 0.01,
+                mode: WeightDecayMode::Coupled,
+            },
+            ..Default::default()
+        };
+        let mut opt = with_block_norm(&cfg, &shape, None);
+        assert!(opt.is_preconditioned());
+        let mut graft_only = ParamOptimizer::new(
+            &OptimizerConfig {
+                method: Method::GraftOnly,
+                ..cfg.clone()
+            },
+            &shape,
+            None,
+            false,
+        )
+        .unwrap();
+        assert_eq!(graft_only.path(), ParamPath::Graft);
+        // Manual composition: graft state + coupled wd + momentum + step.
+        let mut graft = GraftState::new(&cfg.graft, n).unwrap();
+        let mut mom = MomentumState::new(&cfg.momentum, n).unwrap();
+        let (mut p1, mut p2, mut p3) = (init_param(n), init_param(n), init_param(n));
+        let gs = grads(n, 20, 11);
+        let sched = Schedule::WarmupLinearDecay {
+            warmup_steps: 5,
+            total_steps: 30,
+        };
+        for (t, g) in gs.iter().enumerate() {
+            let lr = sched.lr(0.1, t as u64 + 1) as f32;
+            opt.step(&mut p1, g, lr).unwrap();
+            graft_only.step(&mut p2, g, lr).unwrap();
+            let mut u = vec![0.0f32; n];
+            graft.direction(g, &mut u).unwrap();
+            for (ui, &pi) in u.iter_mut().zip(&p3) {
+                *ui -= 0.01 * pi;
+            }
+            mom.apply(&mut u).unwrap();
+            for (pi, ui) in p3.iter_mut().zip(&u) {
+                *pi += lr * ui;
+            }
+            assert_eq!(p1, p3, "step {}", t + 1);
+            assert_eq!(p2, p3, "step {}", t + 1);
+        }
+        // The statistics were updated on every step even though they were never used.
+        assert_eq!(opt.preconditioner().unwrap().steps(), 20);
+        assert_eq!(opt.steps(), 20);
+        assert_ne!(p1, init_param(n));
+    }
+
+    /// Independent f64 implementation of NOTES §4 steps 1–5 around the BlockNorm preconditioner,
+    /// on a row-major tensor with blocks along `axis`.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_run(
+        shape: &[usize],
+        axis: usize,
+        gs: &[Vec<f32>],
+        p0: &[f32],
+        lrs: &[f64],
+        start: u64,
+        wd: f64,
+        beta2: f64,
+        eps: f64,
+        beta1: f64,
+    ) -> Vec<Vec<f64>> {
+        let n = p0.len();
+        let m = shape[axis];
+        // block index and within-block row of each flat element (row-major over other axes)
+        let pos: Vec<(usize, usize)> = (0..n)
+            .map(|f| {
+                let mut rem = f;
+                let mut idx = vec![0; shape.len()];
+                for a in (0..shape.len()).rev() {
+                    idx[a] = rem % shape[a];
+                    rem /= shape[a];
+                }
+                let mut row = 0;
+                for a in 0..shape.len() {
+                    if a != axis {
+                        row = row * shape[a] + idx[a];
+                    }
+                }
+                (idx[axis], row)
+            })
+            .collect();
+        let mut theta: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
+        let (mut v, mut mom, mut acc) = (vec![0.0; n], vec![0.0; n], vec![0.0; m]);
+        let mut out = Vec::new();
+        for (t, g32) in gs.iter().enumerate() {
+            let t1 = t as u64 + 1;
+            let g: Vec<f64> = g32.iter().map(|&x| x as f64).collect();
+            // preconditioner (every step)
+            let mut blk = vec![0.0; m];
+            for f in 0..n {
+                blk[pos[f].0] += g[f] * g[f];
+            }
+            for j in 0..m {
+                acc[j] += blk[j];
+            }
+            let d: Vec<f64> = (0..n)
+                .map(|f| -row_weight(pos[f].1) * g[f] / (acc[pos[f].0].sqrt() + 0.5))
+                .collect();
+            // step 1
+            let gn = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let mut r = vec![0.0; n];
+            for f in 0..n {
+                let s = g[f] / gn;
+                v[f] = beta2 * v[f] + (1.0 - beta2) * s * s;
+                r[f] = -s / (v[f].sqrt() + eps);
+            }
+            // step 2 / 5's start rule
+            let mut u = if t1 >= start {
+                let rn = r.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let dn = d.iter().map(|x| x * x).sum::<f64>().sqrt();
+                d.iter().map(|x| x * rn / (dn + 1e-16)).collect::<Vec<_>>()
+            } else {
+                r
+            };
+            // step 3
+            for f in 0..n {
+                u[f] -= wd * theta[f];
+            }
+            // step 4 (Nesterov)
+            for f in 0..n {
+                mom[f] = beta1 * mom[f] + u[f];
+                u[f] += beta1 * mom[f];
+            }
+            // step 5
+            for f in 0..n {
+                theta[f] += lrs[t] * u[f];
+            }
+            out.push(theta.clone());
+        }
+        out
+    }
+
+    #[test]
+    fn rmsprop_normalized_grafting_matches_f64_reference() {
+        for (shape, axis) in [
+            (vec![6usize, 4], None),
+            (vec![3, 4, 5], Some(1)),
+            (vec![3, 4, 5], Some(0)),
+        ] {
+            let n: usize = shape.iter().product();
+            let ax = axis.unwrap_or(shape.len() - 1);
+            let cfg = OptimizerConfig {
+                start_preconditioning_step: 4,
+                weight_decay: WeightDecayConfig {
+                    rate: 0.003,
+                    mode: WeightDecayMode::Coupled,
+                },
+                graft: GraftConfig {
+                    beta2: 0.99,
+                    eps: 1e-8,
+                    ..Default::default()
+                },
+                momentum: MomentumConfig {
+                    beta1: 0.8,
+                    nesterov: true,
+                },
+                ..Default::default()
+            };
+            let mut opt = with_block_norm(&cfg, &shape, axis);
+            let gs = grads(n, 24, 5 + n as u64);
+            let sched = Schedule::WarmupRsqrt { warmup_steps: 6 };
+            let lrs: Vec<f64> = (1..=24).map(|t| sched.lr(0.05, t)).collect();
+            let p0 = init_param(n);
+            let want = reference_run(&shape, ax, &gs, &p0, &lrs, 4, 0.003, 0.99, 1e-8, 0.8);
+            let mut p = p0.clone();
+            for (t, g) in gs.iter().enumerate() {
+                opt.step(&mut p, g, lrs[t] as f32).unwrap();
+                // Error relative to the size of this step's change (sharp) and to θ (the usual rel err).
+                let prev: Vec<f64> = if t == 0 {
+                    p0.iter().map(|&x| x as f64).collect()
+                } else {
+                    want[t - 1].clone()
+                };
+                let scale = want[t]
+                    .iter()
+                    .zip(&prev)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
+                let err = p
+                    .iter()
+                    .zip(&want[t])
+                    .map(|(&a, b)| (a as f64 - b).abs())
+                    .fold(0.0, f64::max);
+                // f32 rounding accumulates in θ; any formula error would be of the step's size.
+                assert!(
+                    err <= 5e-5 * scale,
+                    "{shape:?} axis {ax} step {}: err {err} step size {scale}",
+                    t + 1
+                );
+                let size = want[t].iter().fold(0.0f64, |a, b| a.max(b.abs()));
+                let rel = err / size;
+                assert!(rel <= 1e-5, "{shape:?} axis {ax} step {}: rel {rel}", t + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn preconditioned_direction_is_used_from_start_step_and_differs_from_graft() {
+        // A test that fails if the start rule or the view were ignored: with start = 1 the
+        // result must differ from the graft-only run.
+        let cfg = OptimizerConfig::default();
+        let shape = [5usize, 3];
+        let mut a = with_block_norm(&cfg, &shape, None);
+        let mut b = ParamOptimizer::new(
+            &OptimizerConfig {
+                method: Method::GraftOnly,
+                ..cfg.clone()
+            },
+            &shape,
+            None,
+            false,
+        )
+        .unwrap();
+        let g = grads(15, 1, 2).remove(0);
+        let (mut pa, mut pb) = (init_param(15), init_param(15));
+        a.step(&mut pa, &g, 0.1).unwrap();
+        b.step(&mut pb, &g, 0.1).unwrap();
+        let diff = pa
+            .iter()
+            .zip(&pb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff > 1e-4, "preconditioned step equals graft step");
+        // Grafting: the first update's norm equals the graft direction's norm times 1.9 (Nesterov).
+        let step_norm = pa
+            .iter()
+            .zip(init_param(15))
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let mut gr = GraftState::new(&cfg.graft, 15).unwrap();
+        let mut r = vec![0.0f32; 15];
+        gr.direction(&g, &mut r).unwrap();
+        let want = 0.1 * 1.9 * crate::graft::norm(&r);
+        assert!(
+            (step_norm - want).abs() <= 1e-5 * want,
+            "{step_norm} vs {want}"
+        );
+    }
+
+    #[test]
+    fn fallbacks_for_vector_excluded_and_large() {
+        let sgd = OptimizerConfig {
+            fallback: Fallback::SgdMomentum,
+            max_block_size: 8,
+            ..Default::default()
+        };
+        let vec_opt = ParamOptimizer::new(&sgd, &[7], None, false).unwrap();
+        assert_eq!(vec_opt.path(), ParamPath::SgdMomentum);
+        assert_eq!(vec_opt.state_bytes(), 7 * 4);
+        let excl = ParamOptimizer::new(&sgd, &[3, 4], None, true).unwrap();
+        assert_eq!(excl.path(), ParamPath::SgdMomentum);
+        let large = ParamOptimizer::new(&sgd, &[9, 2], None, false).unwrap();
+        assert_eq!(large.path(), ParamPath::SgdMomentum);
+        let ok = ParamOptimizer::new(&sgd, &[8, 2], None, false).unwrap();
+        assert_eq!(ok.path(), ParamPath::Preconditioned);
+        // b counts the folded axes: [3, 3, 2] with block axis 2 has b = 9 > 8.
+        assert_eq!(
+            ParamOptimizer::new(&sgd, &[3, 3, 2], None, false)
+                .unwrap()
+                .path(),
+            ParamPath::SgdMomentum
+        );
+        let graft = OptimizerConfig {
+            max_block_size: 8,
+            ..Default::default()
+        };
+        assert_eq!(
+            ParamOptimizer::new(&graft, &[7], None, false)
+                .unwrap()
+                .path(),
+            ParamPath::Graft
+        );
+        assert_eq!(
+            ParamOptimizer::new(&graft, &[9, 2], None, false)
+                .unwrap()
+                .path(),
+            ParamPath::Graft
+        );
+
+        // SGD + Nesterov momentum numbers against f64.
+        let mut o = ParamOptimizer::new(&sgd, &[7], None, false).unwrap();
+        let mut p = init_param(7);
+        let mut th: Vec<f64> = p.iter().map(|&x| x as f64).collect();
+        let mut m = [0.0f64; 7];
+        for g in grads(7, 20, 9) {
+            o.step(&mut p, &g, 0.05).unwrap();
+            for i in 0..7 {
+                let u = -(g[i] as f64);
+                m[i] = 0.9 * m[i] + u;
+                th[i] += 0.05 * (u + 0.9 * m[i]);
+                assert!((p[i] as f64 - th[i]).abs() <= 1e-5 * th[i].abs().max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn decoupled_weight_decay_step() {
+        let cfg = OptimizerConfig {
+            method: Method::GraftOnly,
+            graft: GraftConfig {
+                kind: GraftKind::Sgd,
+                ..Default::default()
+            },
+            momentum: MomentumConfig {
+                beta1: 0.0,
+                nesterov: false,
+            },
+            weight_decay: WeightDecayConfig {
+                rate: 0.5,
+                mode: WeightDecayMode::Decoupled,
+            },
+            ..Default::default()
+        };
+        let mut o = ParamOptimizer::new(&cfg, &[2, 2], None, false).unwrap();
+        let mut p = vec![1.0f32, 2.0, -4.0, 8.0];
+        o.step(&mut p, &[1.0, 1.0, 0.0, -2.0], 0.5).unwrap();
+        // θ(1 − 0.25) − 0.5 g
+        assert_eq!(p, vec![0.25, 1.0, -3.0, 7.0]);
+        // Coupled with momentum: decay enters the buffer.
+        let cfg2 = OptimizerConfig {
+            momentum: MomentumConfig {
+                beta1: 0.5,
+                nesterov: false,
+            },
+            weight_decay: WeightDecayConfig {
+                rate: 0.5,
+                mode: WeightDecayMode::Coupled,
+            },
+            ..cfg
+        };
+        let mut o = ParamOptimizer::new(&cfg2, &[1], None, false).unwrap();
+        let mut p = vec![2.0f32];
+        o.step(&mut p, &[0.0], 1.0).unwrap(); // u = −1, m = −1, θ = 1
+        assert_eq!(p, vec![1.0]);
+        o.step(&mut p, &[0.0], 1.0).unwrap(); // u = −0.5, m = −1, θ = 0
+        assert_eq!(p, vec![0.0]);
+    }
+
+    #[test]
+    fn refused_steps_change_nothing() {
+        let cfg = OptimizerConfig::default();
+        let mut o = with_block_norm(&cfg, &[4, 3], None);
+        let gs = grads(12, 3, 4);
+        let mut p = init_param(12);
+        o.step(&mut p, &gs[0], 0.1).unwrap();
+        let twin = o.clone();
+        let p_before = p.clone();
+        assert!(matches!(
+            o.step(&mut p, &gs[1][..11], 0.1),
+            Err(PrecondError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            o.step(&mut p[..11], &gs[1][..11], 0.1),
+            Err(PrecondError::ShapeMismatch { .. })
+        ));
+        let mut bad = gs[1].clone();
+        bad[5] = f32::NAN;
+        assert_eq!(
+            o.step(&mut p, &bad, 0.1),
+            Err(PrecondError::NonFiniteGradient {
+                step: 2,
+                param: None
+            })
+        );
+        bad[5] = f32::INFINITY;
+        assert!(o.step(&mut p, &bad, 0.1).is_err());
+        assert!(matches!(
+            o.step(&mut p, &gs[1], f32::NAN),
+            Err(PrecondError::InvalidConfig { .. })
+        ));
+        assert_eq!(p, p_before);
+        assert_eq!(o.steps(), 1);
+        assert_eq!(o.preconditioner().unwrap().calls, 1);
+        // Continuing gives exactly what the untouched twin gives.
+        let mut twin = twin;
+        let mut q = p.clone();
+        o.step(&mut p, &gs[1], 0.1).unwrap();
+        twin.step(&mut q, &gs[1], 0.1).unwrap();
+        assert_eq!(p, q);
+
+        // A non-finite preconditioned direction is refused; the parameter is untouched.
+        let mut o = with_block_norm(&cfg, &[4, 3], None);
+        o.precond.as_mut().unwrap().poison = true;
+        let mut p = init_param(12);
+        assert!(matches!(
+            o.step(&mut p, &gs[0], 0.1),
+            Err(PrecondError::LinalgFailure { .. })
+        ));
+        assert_eq!(p, init_param(12));
+        assert_eq!(o.steps(), 0);
+    }
+
+    #[test]
+    fn workspaces_are_rebuilt_after_loading() {
+        let cfg = OptimizerConfig::default();
+        let mut a = with_block_norm(&cfg, &[4, 3], None);
+        let mut b = a.clone();
+        // What serde's skip leaves after deserialization.
+        b.work_a = Vec::new();
+        b.work_b = Vec::new();
+        let (mut pa, mut pb) = (init_param(12), init_param(12));
+        for g in grads(12, 3, 8) {
+            a.step(&mut pa, &g, 0.1).unwrap();
+            b.step(&mut pb, &g, 0.1).unwrap();
+        }
+        assert_eq!(pa, pb);
+    }
+
+    #[test]
+    fn state_bytes_sum_components() {
+        let cfg = OptimizerConfig::default();
+        let o = ParamOptimizer::new(&cfg, &[10, 6], None, false).unwrap();
+        let pre = o.preconditioner().unwrap().state_bytes();
+        assert!(pre > 0);
+        assert_eq!(o.state_bytes(), pre + 60 * 4 + 60 * 4);
+        let t = with_block_norm(&cfg, &[10, 6], None);
+        assert_eq!(t.state_bytes(), 6 * 8 + 60 * 4 + 60 * 4);
+        let no_mom = OptimizerConfig {
+            momentum: MomentumConfig {
+                beta1: 0.0,
+                nesterov: true,
+            },
+            ..cfg
+        };
+        assert_eq!(
+            ParamOptimizer::new(&no_mom, &[5], None, false)
+                .unwrap()
+                .state_bytes(),
+            5 * 4
+        );
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let d = OptimizerConfig::default();
+        d.validate().unwrap();
+        let bad = [
+            OptimizerConfig {
+                start_preconditioning_step: 0,
+                ..d.clone()
+            },
+            OptimizerConfig {
+                max_block_size: 0,
+                ..d.clone()
+            },
+            OptimizerConfig {
+                graft: GraftConfig {
+                    beta2: 1.5,
+                    ..Default::default()
+                },
+                ..d.clone()
+            },
+            OptimizerConfig {
+                graft: GraftConfig {
+                    eps: -1.0,
+                    ..Default::default()
+                },
+                ..d.clone()
+            },
+            OptimizerConfig {
+                momentum: MomentumConfig {
+                    beta1: 1.0,
+                    nesterov: true,
+                },
+                ..d.clone()
+            },
+            OptimizerConfig {
+                weight_decay: WeightDecayConfig {
+                    rate: -0.1,
+                    ..Default::default()
+                },
+                ..d.clone()
+            },
+            OptimizerConfig {
+                method: Method::SharedBasis(SharedBasisConfig {
+                    rank: 0,
+                    ..Default::default()
+                }),
+                ..d.clone()
+            },
+        ];
+        for c in bad {
+            assert!(
+                matches!(c.validate(), Err(PrecondError::InvalidConfig { .. })),
+                "{c:?}"
+            );
+            assert!(ParamOptimizer::new(&c, &[3, 3], None, false).is_err());
+        }
+        assert!(ParamOptimizer::new(&d, &[3, 0], None, false).is_err());
+        assert!(ParamOptimizer::new(&d, &[3, 3], Some(2), false).is_err());
+    }
+
+    #[test]
+    fn serde_round_trip_continues_bitwise() {
+        let cfg = OptimizerConfig {
+            start_preconditioning_step: 2,
+            ..Default::default()
+        };
+        let mut a = with_block_norm(&cfg, &[4, 3], Some(0));
+        let gs = grads(12, 6, 21);
+        let mut pa = init_param(12);
+        for g in &gs[..3] {
+            a.step(&mut pa, g, 0.1).unwrap();
+        }
+        let json = serde_json::to_string(&a).unwrap();
+        let mut b: ParamOptimizer<BlockNorm> = serde_json::from_str(&json).unwrap();
+        assert!(b.work_a.is_empty());
+        assert_eq!(b.steps(), 3);
+        let mut pb = pa.clone();
+        for g in &gs[3..] {
+            a.step(&mut pa, g, 0.1).unwrap();
+            b.step(&mut pb, g, 0.1).unwrap();
+        }
+        assert_eq!(pa, pb);
+        // The default state type (graft-only here) round-trips too.
+        let go = OptimizerConfig {
+            method: Method::GraftOnly,
+            ..Default::default()
+        };
+        let o = ParamOptimizer::new(&go, &[3, 2], None, false).unwrap();
+        let back: ParamOptimizer =
+            serde_json::from_str(&serde_json::to_string(&o).unwrap()).unwrap();
+        assert_eq!(back.path(), ParamPath::Graft);
+    }
+
+    #[test]
+    fn config_serde_defaults_and_round_trip() {
+        let c: OptimizerConfig =
+            serde_json::from_str(r#"{"start_preconditioning_step": 5}"#).unwrap();
+        assert_eq!(
+            c,
+            OptimizerConfig {
+                start_preconditioning_step: 5,
+                ..Default::default()
+            }
+        );
+        let c = OptimizerConfig {
+            method: Method::GraftOnly,
+            graft: GraftConfig {
+                kind: GraftKind::Adam,
+                ..Default::default()
+            },
+            fallback: Fallback::SgdMomentum,
+            ..Default::default()
+        };
+        let back: OptimizerConfig =
+            serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        let s = Schedule::Cosine {
+            warmup_steps: 3,
+            total_steps: 10,
+            final_fraction: 0.1,
+        };
+        let back: Schedule = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+}

@@ -1,0 +1,1084 @@
+//! The shared-basis block low-rank preconditioner of Yen, Duvvuri, Dhillon and Hsieh
+//! (NeurIPS 2023), Algorithm 1, for one layer seen as a (b, m) matrix whose columns are the
+//! blocks (b = d_in weights into each of m = d_out output neurons).
+//!
+//! Every block's statistics Σ_t g_i g_iᵀ are approximated as B R_i Bᵀ + ρ_i I with one
+//! orthonormal basis B (b×k) shared by the layer, a k×k symmetric PSD R_i per block and a
+//! scalar lost mass ρ_i. One step (NOTES §2):
+//!
+//! 1. M_i = B R_i Bᵀ + g_i g_iᵀ, never formed.
+//! 2. B ← randomized SVD of A = Σ_i M_i M_iᵀ (eq. 5), warm-started at the previous basis, with
+//!    A·Y by the factored formula of §2.2: A Y = B S BᵀY + P GᵀY + G PᵀY + G diag(|g_i|²) GᵀY.
+//! 3. R̃_i = B_tᵀ M_i B_t = Q R_i Qᵀ + c_i c_iᵀ with Q = B_tᵀ B_{t−1}, c_i = B_tᵀ g_i.
+//! 4. R_i = R̃_i − λ_min(R̃_i) I (frequent-directions shrink).
+//! 5. ρ_i += ‖M_i − B_t R_i B_tᵀ‖₂.
+//! 6. u_i = −(B R_i Bᵀ + (ρ_i + ε) I)^{−1/2} g_i, computed as eq. 6.
+//!
+//! Decisions where the paper is silent (marked "(ours)" in NOTES and the README):
+//! k = min(k, b); the first step starts the randomized SVD from a seeded Gaussian matrix;
+//! with oversampling p > 0 the top k directions are chosen by Rayleigh–Ritz on Yᵀ A Y;
+//! ρ's residual lives in span(B_{t−1}, B_t, g_i), so its norm is computed on a
+//! (2k+1)-dimensional Gram representation (below) at O(k²) per block per power-iteration step;
+//! ε must be > 0; with β2 < 1 the statistics are an exponential moving average
+//! (M_i = β2 B R_i Bᵀ + (1−β2) g_i g_iᵀ, ρ_i ← β2 ρ_i + ‖·‖), and β2 = 1 is Algorithm 1's sum.
+//!
+//! **Lost mass in orthonormal coordinates.** The residual M_i − B_t R_i B_tᵀ lives in
+//! span(B_{t−1}, B_t, g_i). One orthonormal W = [B_t, B_⊥] of span(B_t, B_{t−1}) is built per
+//! layer (B_⊥ from the SVD of the part of B_{t−1} outside B_t, directions with singular value
+//! below 10·√b·ε dropped), and each g_i = B_t c_i + B_⊥ h_i + ν_i w_i with ν_i the norm of the
+//! rest (one GEMM for the layer). In those (k + r + 1) coordinates the residual is
+//! E_i = L (β2 R_i^{old}) Lᵀ ⊕ 0 + e_i e_iᵀ − R_i ⊕ 0 with L = [Q; B_⊥ᵀ B_{t−1}] and
+//! e_i = [c_i; h_i; ν_i], so a power-iteration step costs O(k²) per block, never O(b k).
+//! The exact mode forms E_i and takes its eigenvalues.
+//!
+//! The step is transactional: new basis, coefficients and ρ are built in workspaces and swapped
+//! in only when the whole step succeeded, so an error leaves the state as it was.
+
+use crate::error::{invalid, PrecondError, Result};
+use crate::linalg::{gemm, par_layer, symmetrize, thin_q, SymEig};
+use crate::preconditioner::Preconditioner;
+use crate::scalar::Scalar;
+use faer::reborrow::{Reborrow, ReborrowMut};
+use faer::{Mat, MatMut, MatRef, Par};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// How the lost mass ρ_i of step 5 (‖M_i − B R_i Bᵀ‖₂) is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RhoMode {
+    /// Power iteration with this many iterations (the paper's choice). It can only
+    /// undershoot the norm.
+    PowerIteration(usize),
+    /// Exact spectral norm by small symmetric eigendecompositions (tests and audits; O(k³)
+    /// per block).
+    Exact,
+}
+
+/// Hyperparameters of Algorithm 1.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SharedBasisConfig {
+    /// Rank k of the shared basis (capped at b). Paper: 32.
+    pub rank: usize,
+    /// Oversampling p of the randomized SVD. Paper: 0.
+    pub oversample: usize,
+    /// Power iterations of the randomized SVD per step. Paper: 1.
+    pub power_iters: usize,
+    /// How ρ is measured. Default: 10 power iterations (ours).
+    pub rho: RhoMode,
+    /// ε added to ρ_i before the inverse square root (eq. 6). Must be > 0. Default 1e-6 (ours).
+    pub eps: f64,
+    /// Statistics decay β2 in (0, 1]: 1 is the plain sum of Algorithm 1 (default).
+    pub beta2: f64,
+    /// Seed of the Gaussian start (and oversampling columns) of the randomized SVD.
+    pub seed: u64,
+}
+
+impl Default for SharedBasisConfig {
+    fn default() -> Self {
+        Self {
+            rank: 32,
+            oversample: 0,
+            power_iters: 1,
+            rho: RhoMode::PowerIteration(10),
+            eps: 1e-6,
+            beta2: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SharedBasisConfig {
+    /// Checks every field; returns a clear error naming the bad one.
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(invalid("rank", self.rank, "must be at least 1"));
+        }
+        if self.power_iters == 0 {
+            return Err(invalid(
+                "power_iters",
+                self.power_iters,
+                "must be at least 1",
+            ));
+        }
+        if let RhoMode::PowerIteration(0) = self.rho {
+            return Err(invalid("rho_iters", 0, "must be at least 1"));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(invalid("eps", self.eps, "must be finite and > 0"));
+        }
+        if !(self.beta2 > 0.0 && self.beta2 <= 1.0) {
+            return Err(invalid("beta2", self.beta2, "must be in (0, 1]"));
+        }
+        Ok(())
+    }
+}
+
+/// Layer-sized scratch matrices, reused across steps (not part of the saved state).
+struct Workspace<T: Scalar> {
+    /// [P | G'] (b × 2m): P = B_{t−1} R_i B_{t−1}ᵀ g_i next to the (scaled) gradient.
+    pg: Mat<T>,
+    /// B_{t−1}ᵀ G' (k × m), the a_i.
+    coef_old: Mat<T>,
+    /// R_i a_i (k × m).
+    rc: Mat<T>,
+    /// Σ R_i R_i (k × k).
+    s: Mat<T>,
+    /// [PᵀY; G'ᵀY] (2m × k') and the right factor [G'ᵀY; PᵀY + diag|g|² G'ᵀY].
+    pgy: Mat<T>,
+    right: Mat<T>,
+    /// Bᵀ Y (k × k') and S Bᵀ Y.
+    by: Mat<T>,
+    sby: Mat<T>,
+    /// A Y (b × k').
+    ay: Mat<T>,
+    /// B_tᵀ G (k × m), the c_i (unscaled gradient).
+    coef_new: Mat<T>,
+    /// Q = B_tᵀ B_{t−1} (k × k).
+    overlap: Mat<T>,
+    /// L = [Q; B_⊥ᵀ B_{t−1}] ((k + r) × k): the old basis in new coordinates.
+    lift: Mat<T>,
+    /// [B_t | B_⊥] (b × (k + r)).
+    wide_basis: Mat<T>,
+    /// Wᵀ G' ((k + r) × m): c'_i and h'_i.
+    wide_coef: Mat<T>,
+    /// ν_i, the norm of the part of g'_i outside span(W).
+    outside: Vec<T>,
+    /// Per-block coefficients of the direction (k × m, column-major).
+    dir_coef: Vec<T>,
+    /// Per-block (ρ_i + ε)^{−1/2}.
+    iso_scale: Vec<T>,
+    /// |g_i|² of the scaled gradient.
+    sq_norms: Vec<T>,
+    /// New state, swapped in at the end of a successful step.
+    new_basis: Vec<T>,
+    new_coeffs: Vec<T>,
+    new_lost_mass: Vec<T>,
+}
+
+impl<T: Scalar> Default for Workspace<T> {
+    fn default() -> Self {
+        let empty = || Mat::zeros(0, 0);
+        Self {
+            pg: empty(),
+            coef_old: empty(),
+            rc: empty(),
+            s: empty(),
+            pgy: empty(),
+            right: empty(),
+            by: empty(),
+            sby: empty(),
+            ay: empty(),
+            coef_new: empty(),
+            overlap: empty(),
+            dir_coef: Vec::new(),
+            lift: empty(),
+            wide_basis: empty(),
+            wide_coef: empty(),
+            outside: Vec::new(),
+            iso_scale: Vec::new(),
+            sq_norms: Vec::new(),
+            new_basis: Vec::new(),
+            new_coeffs: Vec::new(),
+            new_lost_mass: Vec::new(),
+        }
+    }
+}
+
+/// State of one layer: basis B (b×k), coefficients R_i (k×k each), lost mass ρ_i.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct SharedBasis<T: Scalar> {
+    config: SharedBasisConfig,
+    rows: usize,
+    blocks: usize,
+    rank: usize,
+    sketch: usize,
+    step: u64,
+    /// B, column-major b × k; all zero before the first step.
+    basis: Vec<T>,
+    /// R_i, column-major k × k each, block i at `i·k·k`.
+    coeffs: Vec<T>,
+    /// ρ_i.
+    lost_mass: Vec<T>,
+    #[serde(skip)]
+    work: Workspace<T>,
+}
+
+impl<T: Scalar> Clone for SharedBasis<T> {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            rows: self.rows,
+            blocks: self.blocks,
+            rank: self.rank,
+            sketch: self.sketch,
+            step: self.step,
+            basis: self.basis.clone(),
+            coeffs: self.coeffs.clone(),
+            lost_mass: self.lost_mass.clone(),
+            work: Workspace::default(),
+        }
+    }
+}
+
+impl<T: Scalar> std::fmt::Debug for SharedBasis<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBasis")
+            .field("rows", &self.rows)
+            .field("blocks", &self.blocks)
+            .field("rank", &self.rank)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Read-only inputs of the per-block pass (steps 3–6).
+struct BlockInputs<'a, T: Scalar> {
+    k: usize,
+    /// r: columns of B_⊥ (0 at the first step).
+    extra: usize,
+    has_basis: bool,
+    decay: T,
+    grad_scale: T,
+    eps: T,
+    rho: RhoMode,
+    old_coeffs: &'a [T],
+    old_lost_mass: &'a [T],
+    overlap: MatRef<'a, T>,
+    lift: MatRef<'a, T>,
+    /// Wᵀ G' ((k + r) × m).
+    wide_coef: MatRef<'a, T>,
+    /// B_tᵀ G (k × m), unscaled.
+    coef_new: MatRef<'a, T>,
+    outside: &'a [T],
+}
+
+/// Per-thread scratch of the per-block pass.
+struct BlockScratch<T: Scalar> {
+    tmp: Mat<T>,
+    tilde: Mat<T>,
+    eig: SymEig<T>,
+    x: Vec<T>,
+    y: Vec<T>,
+    u: Vec<T>,
+    v: Vec<T>,
+    w: Vec<T>,
+    exact: Option<(Mat<T>, SymEig<T>)>,
+}
+
+impl<T: Scalar> SharedBasis<T> {
+    /// New state for a (b, m) = (`rows`, `blocks`) parameter view.
+    pub fn new(config: SharedBasisConfig, rows: usize, blocks: usize) -> Result<Self> {
+        config.validate()?;
+        if rows == 0 || blocks == 0 {
+            return Err(PrecondError::ShapeMismatch {
+                expected: "a non-empty (b, m) view".into(),
+                got: format!("({rows}, {blocks})"),
+            });
+        }
+        let rank = config.rank.min(rows);
+        let sketch = (rank + config.oversample).min(rows);
+        Ok(Self {
+            config,
+            rows,
+            blocks,
+            rank,
+            sketch,
+            step: 0,
+            basis: vec![T::zero(); rows * rank],
+            coeffs: vec![T::zero(); blocks * rank * rank],
+            lost_mass: vec![T::zero(); blocks],
+            work: Workspace::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SharedBasisConfig {
+        &self.config
+    }
+
+    /// Effective rank k = min(rank, b).
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The shared basis B (b × k).
+    pub fn basis(&self) -> MatRef<'_, T> {
+        MatRef::from_column_major_slice(&self.basis, self.rows, self.rank)
+    }
+
+    /// The coefficient matrix R_i of block `i` (k × k).
+    pub fn coeffs(&self, i: usize) -> MatRef<'_, T> {
+        let kk = self.rank * self.rank;
+        MatRef::from_column_major_slice(&self.coeffs[i * kk..(i + 1) * kk], self.rank, self.rank)
+    }
+
+    /// The lost mass ρ_i of every block.
+    pub fn lost_mass(&self) -> &[T] {
+        &self.lost_mass
+    }
+
+    /// (b, m) this state was built for.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.blocks)
+    }
+
+    fn ensure_workspace(&mut self) {
+        let (b, m, k, kp) = (self.rows, self.blocks, self.rank, self.sketch);
+        let w = &mut self.work;
+        if w.pg.nrows() == b && w.pg.ncols() == 2 * m && w.ay.ncols() == kp {
+            return;
+        }
+        w.pg = Mat::zeros(b, 2 * m);
+        w.coef_old = Mat::zeros(k, m);
+        w.rc = Mat::zeros(k, m);
+        w.s = Mat::zeros(k, k);
+        w.pgy = Mat::zeros(2 * m, kp);
+        w.right = Mat::zeros(2 * m, kp);
+        w.by = Mat::zeros(k, kp);
+        w.sby = Mat::zeros(k, kp);
+        w.ay = Mat::zeros(b, kp);
+        w.coef_new = Mat::zeros(k, m);
+        w.overlap = Mat::zeros(k, k);
+        w.dir_coef = vec![T::zero(); k * m];
+        w.outside = vec![T::zero(); m];
+        w.iso_scale = vec![T::zero(); m];
+        w.sq_norms = vec![T::zero(); m];
+        w.new_basis = vec![T::zero(); b * k];
+        w.new_coeffs = vec![T::zero(); m * k * k];
+        w.new_lost_mass = vec![T::zero(); m];
+    }
+
+    fn linalg_error(&self, kernel: &'static str) -> PrecondError {
+        PrecondError::LinalgFailure {
+            kernel,
+            step: self.step + 1,
+        }
+    }
+
+    /// A·Y by the factored formula (NOTES §2 step 2), into `work.ay`.
+    fn apply_a(&mut self, y: MatRef<'_, T>, has_basis: bool, decay: T) {
+        let m = self.blocks;
+        let k = self.rank;
+        let w = &mut self.work;
+        // [Pᵀ Y; G'ᵀ Y] in one GEMM over the concatenated [P | G'].
+        gemm(
+            w.pgy.as_mut(),
+            false,
+            w.pg.transpose(),
+            y,
+            T::one(),
+            par_layer(),
+        );
+        // right = [G'ᵀY; PᵀY + diag(|g_i|²) G'ᵀY], so that [P | G'] · right = P G'ᵀY + G' PᵀY
+        // + G' diag(|g_i|²) G'ᵀY.
+        let cols = y.ncols();
+        for j in 0..cols {
+            for i in 0..m {
+                let gty = w.pgy[(m + i, j)];
+                w.right[(i, j)] = gty;
+                w.right[(m + i, j)] = w.pgy[(i, j)] + w.sq_norms[i] * gty;
+            }
+        }
+        gemm(
+            w.ay.as_mut(),
+            false,
+            w.pg.as_ref(),
+            w.right.as_ref(),
+            T::one(),
+            par_layer(),
+        );
+        if has_basis {
+            // + B (S (Bᵀ Y)), with S = Σ (β2 R_i)(β2 R_i).
+            let basis = MatRef::from_column_major_slice(&self.basis, self.rows, k);
+            gemm(
+                w.by.as_mut(),
+                false,
+                basis.transpose(),
+                y,
+                T::one(),
+                Par::Seq,
+            );
+            gemm(
+                w.sby.as_mut(),
+                false,
+                w.s.as_ref(),
+                w.by.as_ref(),
+                decay * decay,
+                Par::Seq,
+            );
+            gemm(
+                w.ay.as_mut(),
+                true,
+                basis,
+                w.sby.as_ref(),
+                T::one(),
+                par_layer(),
+            );
+        }
+    }
+
+    /// B_⊥: an orthonormal basis of the part of span(B_{t−1}) outside span(B_t), and
+    /// L = [Q; B_⊥ᵀ B_{t−1}], into the workspace. Returns r, the number of columns of B_⊥.
+    fn complement_basis(&mut self) -> Result<usize> {
+        let (b, k) = (self.rows, self.rank);
+        let w = &mut self.work;
+        let new_basis = MatRef::from_column_major_slice(&w.new_basis, b, k);
+        let old_basis = MatRef::from_column_major_slice(&self.basis, b, k);
+        // D = (I − B_t B_tᵀ) B_{t−1}, projected twice ("twice is enough").
+        let mut outside = old_basis.to_owned();
+        gemm(
+            outside.as_mut(),
+            true,
+            new_basis,
+            w.overlap.as_ref(),
+            -T::one(),
+            par_layer(),
+        );
+        let mut coords = Mat::<T>::zeros(k, k);
+        gemm(
+            coords.as_mut(),
+            false,
+            new_basis.transpose(),
+            outside.as_ref(),
+            T::one(),
+            Par::Seq,
+        );
+        gemm(
+            outside.as_mut(),
+            true,
+            new_basis,
+            coords.as_ref(),
+            -T::one(),
+            par_layer(),
+        );
+        let svd = outside
+            .thin_svd()
+            .map_err(|_| PrecondError::LinalgFailure {
+                kernel: "complement SVD",
+                step: self.step + 1,
+            })?;
+        // Singular values below the rounding floor of an orthonormal b × k basis are noise.
+        let floor = T::of(10.0 * (b as f64).sqrt()) * T::epsilon();
+        let sigma = svd.S().column_vector();
+        let extra = (0..k).filter(|&j| sigma[j] > floor).count();
+        let kr = k + extra;
+        w.wide_basis = Mat::zeros(b, kr);
+        w.wide_basis
+            .as_mut()
+            .submatrix_mut(0, 0, b, k)
+            .copy_from(new_basis);
+        w.lift = Mat::zeros(kr, k);
+        w.lift
+            .as_mut()
+            .submatrix_mut(0, 0, k, k)
+            .copy_from(w.overlap.as_ref());
+        if extra > 0 {
+            let mut dirs = svd.U().submatrix(0, 0, b, extra).to_owned();
+            let mut proj = Mat::<T>::zeros(k, extra);
+            gemm(
+                proj.as_mut(),
+                false,
+                new_basis.transpose(),
+                dirs.as_ref(),
+                T::one(),
+                Par::Seq,
+            );
+            gemm(
+                dirs.as_mut(),
+                true,
+                new_basis,
+                proj.as_ref(),
+                -T::one(),
+                par_layer(),
+            );
+            let perp = thin_q(dirs.as_ref());
+            w.wide_basis
+                .as_mut()
+                .submatrix_mut(0, k, b, extra)
+                .copy_from(&perp);
+            let mut tail = w.lift.as_mut().submatrix_mut(k, 0, extra, k);
+            gemm(
+                tail.rb_mut(),
+                false,
+                perp.transpose(),
+                old_basis,
+                T::one(),
+                Par::Seq,
+            );
+        }
+        Ok(extra)
+    }
+
+    /// Gaussian matrix for the first step and the oversampling columns, seeded by (seed, step).
+    fn gaussian(&self, rows: usize, cols: usize, stream: u64) -> Mat<T> {
+        let seed = self
+            .config
+            .seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add((self.step + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
+            .wrapping_add(stream);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Mat::from_fn(rows, cols, |_, _| {
+            let v: f64 = StandardNormal.sample(&mut rng);
+            T::of(v)
+        })
+    }
+
+    /// Step 2: the new basis B_t (b × k), into `work.new_basis`.
+    fn new_basis(&mut self, has_basis: bool, decay: T) -> Result<()> {
+        let (b, k, kp) = (self.rows, self.rank, self.sketch);
+        let mut y = if has_basis {
+            let mut y = Mat::<T>::zeros(b, kp);
+            y.as_mut()
+                .submatrix_mut(0, 0, b, k)
+                .copy_from(MatRef::from_column_major_slice(&self.basis, b, k));
+            if kp > k {
+                let extra = self.gaussian(b, kp - k, 1);
+                y.as_mut().submatrix_mut(0, k, b, kp - k).copy_from(&extra);
+            }
+            y
+        } else {
+            self.gaussian(b, kp, 0)
+        };
+        for _ in 0..self.config.power_iters {
+            self.apply_a(y.as_ref(), has_basis, decay);
+            y = thin_q(self.work.ay.as_ref());
+        }
+        if kp > k {
+            // Rayleigh–Ritz: the top k eigenvectors of Yᵀ A Y, mapped back through Y.
+            self.apply_a(y.as_ref(), has_basis, decay);
+            let mut small = Mat::<T>::zeros(kp, kp);
+            gemm(
+                small.as_mut(),
+                false,
+                y.transpose(),
+                self.work.ay.as_ref(),
+                T::one(),
+                Par::Seq,
+            );
+            symmetrize(small.as_mut());
+            let mut eig = SymEig::new(kp);
+            if !eig.compute(small.as_ref()) {
+                return Err(self.linalg_error("Rayleigh-Ritz eigendecomposition"));
+            }
+            // Columns kp-1, kp-2, … hold the largest eigenvalues.
+            let mut top = Mat::<T>::zeros(kp, k);
+            for j in 0..k {
+                top.as_mut()
+                    .col_mut(j)
+                    .copy_from(eig.vectors.col(kp - 1 - j));
+            }
+            let mut basis = MatMut::from_column_major_slice_mut(&mut self.work.new_basis, b, k);
+            gemm(
+                basis.rb_mut(),
+                false,
+                y.as_ref(),
+                top.as_ref(),
+                T::one(),
+                par_layer(),
+            );
+        } else {
+            let mut basis = MatMut::from_column_major_slice_mut(&mut self.work.new_basis, b, k);
+            basis.copy_from(&y);
+        }
+        if !self.work.new_basis.iter().all(|v| v.is_finite()) {
+            return Err(self.linalg_error("randomized SVD (QR)"));
+        }
+        Ok(())
+    }
+}
+
+impl<T: Scalar> BlockScratch<T> {
+    fn new(k: usize, n: usize, exact: bool) -> Self {
+        Self {
+            tmp: Mat::zeros(k, k),
+            tilde: Mat::zeros(k, k),
+            eig: SymEig::new(k),
+            x: vec![T::zero(); n],
+            y: vec![T::zero(); n],
+            u: vec![T::zero(); k],
+            v: vec![T::zero(); k],
+            w: vec![T::zero(); k],
+            exact: exact.then(|| (Mat::zeros(n, n), SymEig::new(n))),
+        }
+    }
+}
+
+fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::zero(), |acc, (&u, &v)| acc + u * v)
+}
+
+/// out = mat · x for a small column-major matrix.
+fn matvec<T: Scalar>(mat: MatRef<'_, T>, x: &[T], out: &mut [T]) {
+    out.iter_mut().for_each(|v| *v = T::zero());
+    for (j, &xj) in x.iter().enumerate() {
+        if xj != T::zero() {
+            for (o, &a) in out.iter_mut().zip(mat.col(j).iter()) {
+                *o = *o + a * xj;
+            }
+        }
+    }
+}
+
+impl<'a, T: Scalar> BlockInputs<'a, T> {
+    /// y = E_i x with E_i = L (β2 R_old) Lᵀ ⊕ 0 + e eᵀ − R_new ⊕ 0 (module docs).
+    fn residual_apply(
+        &self,
+        i: usize,
+        r_old: MatRef<'_, T>,
+        r_new: MatRef<'_, T>,
+        x: &[T],
+        y: &mut [T],
+        sc_u: &mut [T],
+        sc_v: &mut [T],
+    ) {
+        let (k, kr) = (self.k, self.k + self.extra);
+        let e = self.wide_coef.col(i);
+        let nu = self.outside[i];
+        let ex = (0..kr).fold(T::zero(), |acc, j| acc + e[j] * x[j]) + nu * x[kr];
+        // −R_new x_top
+        matvec(r_new, &x[..k], &mut y[..k]);
+        for v in y[..k].iter_mut() {
+            *v = -*v;
+        }
+        for v in y[k..].iter_mut() {
+            *v = T::zero();
+        }
+        if self.has_basis {
+            // L (β2 R_old (Lᵀ x))
+            for (j, u) in sc_u.iter_mut().enumerate() {
+                *u = self
+                    .lift
+                    .col(j)
+                    .iter()
+                    .zip(&x[..kr])
+                    .fold(T::zero(), |acc, (&l, &xv)| acc + l * xv);
+            }
+            matvec(r_old, sc_u, sc_v);
+            for (j, &vj) in sc_v.iter().enumerate() {
+                let coef = self.decay * vj;
+                for (yr, &l) in y[..kr].iter_mut().zip(self.lift.col(j).iter()) {
+                    *yr = *yr + l * coef;
+                }
+            }
+        }
+        for (yr, &er) in y[..kr].iter_mut().zip(e.iter()) {
+            *yr = *yr + er * ex;
+        }
+        y[kr] = y[kr] + nu * ex;
+    }
+
+    /// Steps 3–6 for block `i`: writes R_i, ρ_i and the direction coefficients.
+    /// Returns false when an eigendecomposition failed.
+    fn run(
+        &self,
+        i: usize,
+        sc: &mut BlockScratch<T>,
+        mut r_new: MatMut<'_, T>,
+        lost_mass: &mut T,
+        mut dir_coef: MatMut<'_, T>,
+        iso_scale: &mut T,
+    ) -> bool {
+        let k = self.k;
+        let kk = k * k;
+        let r_old = MatRef::from_column_major_slice(&self.old_coeffs[i * kk..(i + 1) * kk], k, k);
+        let c = self.coef_new.col(i);
+        // Step 3: R̃_i = β2 Q R_i Qᵀ + γ c_i c_iᵀ.
+        if self.has_basis {
+            gemm(
+                sc.tmp.as_mut(),
+                false,
+                self.overlap,
+                r_old,
+                self.decay,
+                Par::Seq,
+            );
+            gemm(
+                sc.tilde.as_mut(),
+                false,
+                sc.tmp.as_ref(),
+                self.overlap.transpose(),
+                T::one(),
+                Par::Seq,
+            );
+        } else {
+            sc.tilde.fill(T::zero());
+        }
+        let gamma = self.grad_scale * self.grad_scale;
+        for col in 0..k {
+            for row in 0..k {
+                sc.tilde[(row, col)] = sc.tilde[(row, col)] + gamma * c[row] * c[col];
+            }
+        }
+        symmetrize(sc.tilde.as_mut());
+        // Step 4: R_i = R̃_i − λ_min I = V diag(λ − λ_min) Vᵀ.
+        if !sc.eig.compute(sc.tilde.as_ref()) {
+            return false;
+        }
+        let lambda_min = sc.eig.value(0);
+        for j in 0..k {
+            let l = sc.eig.value(j) - lambda_min;
+            let l = if l > T::zero() { l } else { T::zero() };
+            for row in 0..k {
+                sc.tmp[(row, j)] = sc.eig.vectors[(row, j)] * l;
+            }
+        }
+        gemm(
+            r_new.rb_mut(),
+            false,
+            sc.tmp.as_ref(),
+            sc.eig.vectors.transpose(),
+            T::one(),
+            Par::Seq,
+        );
+        symmetrize(r_new.rb_mut());
+        // Step 5: ρ_i ← β2 ρ_i + ‖M_i − B_t R_i B_tᵀ‖₂ in W coordinates (module docs).
+        let n = k + self.extra + 1;
+        let norm = match self.rho {
+            RhoMode::PowerIteration(iters) => {
+                let (x, y) = (&mut sc.x[..n], &mut sc.y[..n]);
+                // Start from the gradient's coordinates plus a constant vector, normalized.
+                let e = self.wide_coef.col(i);
+                let spread = T::one() / T::of(n as f64).sqrt();
+                for (j, v) in x.iter_mut().enumerate() {
+                    let ej = if j + 1 < n { e[j] } else { self.outside[i] };
+                    *v = ej;
+                }
+                let enorm = dot(x, x).sqrt();
+                let enorm = if enorm > T::zero() { enorm } else { T::one() };
+                x.iter_mut().for_each(|v| *v = *v / enorm + spread);
+                let xn = dot(x, x).sqrt();
+                x.iter_mut().for_each(|v| *v = *v / xn);
+                let mut est = T::zero();
+                for _ in 0..iters {
+                    self.residual_apply(i, r_old, r_new.rb(), x, y, &mut sc.u, &mut sc.v);
+                    let len = dot(y, y).sqrt();
+                    est = len;
+                    if !(len > T::zero()) {
+                        break;
+                    }
+                    for (xv, &yv) in x.iter_mut().zip(y.iter()) {
+                        *xv = yv / len;
+                    }
+                }
+                est
+            }
+            RhoMode::Exact => {
+                let Some((dense, eig)) = sc.exact.as_mut() else {
+                    return false;
+                };
+                let x = &mut sc.x[..n];
+                let y = &mut sc.y[..n];
+                for j in 0..n {
+                    x.iter_mut().for_each(|v| *v = T::zero());
+                    x[j] = T::one();
+                    self.residual_apply(i, r_old, r_new.rb(), x, y, &mut sc.u, &mut sc.v);
+                    for (r, &v) in y.iter().enumerate() {
+                        dense[(r, j)] = v;
+                    }
+                }
+                let mut sub = dense.as_mut().submatrix_mut(0, 0, n, n);
+                symmetrize(sub.rb_mut());
+                let fits = eig.dim() == n;
+                let mut local;
+                let eig = if fits {
+                    eig
+                } else {
+                    local = SymEig::<T>::new(n);
+                    &mut local
+                };
+                if !eig.compute(sub.rb()) {
+                    return false;
+                }
+                let lo = eig.value(0).abs();
+                let hi = eig.value(n - 1).abs();
+                if lo > hi {
+                    lo
+                } else {
+                    hi
+                }
+            }
+        };
+        let rho = self.decay * self.old_lost_mass[i] + norm;
+        *lost_mass = rho;
+        // Step 6 (eq. 6): u_i = −B (R_i + cI)^{−1/2} Bᵀ g_i + c^{−1/2} B Bᵀ g_i − c^{−1/2} g_i,
+        // c = ρ_i + ε. The first two terms are B V diag((l + c)^{−1/2} − c^{−1/2}) Vᵀ c_i,
+        // stored as that k-vector; the caller forms −B·coef − c^{−1/2} g_i with one GEMM.
+        let shift = rho + self.eps;
+        let iso = T::one() / shift.sqrt();
+        for j in 0..k {
+            let proj = (0..k).fold(T::zero(), |acc, r| acc + sc.eig.vectors[(r, j)] * c[r]);
+            let l = sc.eig.value(j) - lambda_min;
+            let l = if l > T::zero() { l } else { T::zero() };
+            sc.w[j] = proj * (T::one() / (l + shift).sqrt() - iso);
+        }
+        for r in 0..k {
+            dir_coef[(r, 0)] =
+                (0..k).fold(T::zero(), |acc, j| acc + sc.eig.vectors[(r, j)] * sc.w[j]);
+        }
+        *iso_scale = iso;
+        true
+    }
+}
+
+impl<T: Scalar> Preconditioner<T> for SharedBasis<T> {
+    fn precondition(&mut self, grad: MatRef<'_, T>, mut direction: MatMut<'_, T>) -> Result<()> {
+        let (b, m, k) = (self.rows, self.blocks, self.rank);
+        for (name, r, c) in [
+            ("gradient", grad.nrows(), grad.ncols()),
+            ("direction", direction.nrows(), direction.ncols()),
+        ] {
+            if (r, c) != (b, m) {
+                return Err(PrecondError::ShapeMismatch {
+                    expected: format!("{name} of shape ({b}, {m})"),
+                    got: format!("({r}, {c})"),
+                });
+            }
+        }
+        if !grad.col_iter().all(|col| col.iter().all(|v| v.is_finite())) {
+            return Err(PrecondError::NonFiniteGradient {
+                step: self.step + 1,
+                param: None,
+            });
+        }
+        self.ensure_workspace();
+        let has_basis = self.step > 0;
+        let beta2 = self.config.beta2;
+        let decay = T::of(beta2);
+        let grad_scale = T::of(if beta2 < 1.0 {
+            (1.0 - beta2).sqrt()
+        } else {
+            1.0
+        });
+
+        // Step 1: G' = √γ G next to P = B_{t−1} (β2 R_i) B_{t−1}ᵀ g'_i, and |g'_i|².
+        {
+            let w = &mut self.work;
+            let mut gs = w.pg.as_mut().submatrix_mut(0, m, b, m);
+            gs.copy_from(grad);
+            if grad_scale != T::one() {
+                gs.rb_mut()
+                    .col_iter_mut()
+                    .for_each(|col| col.iter_mut().for_each(|v| *v = *v * grad_scale));
+            }
+            for i in 0..m {
+                let col = w.pg.col(m + i);
+                w.sq_norms[i] = col.iter().fold(T::zero(), |acc, &v| acc + v * v);
+            }
+            let basis = MatRef::from_column_major_slice(&self.basis, b, k);
+            if has_basis {
+                let gs = w.pg.as_ref().submatrix(0, m, b, m);
+                gemm(
+                    w.coef_old.as_mut(),
+                    false,
+                    basis.transpose(),
+                    gs,
+                    T::one(),
+                    par_layer(),
+                );
+                let kk = k * k;
+                let coeffs = &self.coeffs;
+                let coef_old = w.coef_old.as_ref();
+                w.rc.as_mut()
+                    .col_iter_mut()
+                    .enumerate()
+                    .for_each(|(i, out)| {
+                        let r =
+                            MatRef::from_column_major_slice(&coeffs[i * kk..(i + 1) * kk], k, k);
+                        gemm(
+                            out.as_mat_mut(),
+                            false,
+                            r,
+                            coef_old.col(i).as_mat(),
+                            decay,
+                            Par::Seq,
+                        );
+                    });
+                let mut p = w.pg.as_mut().submatrix_mut(0, 0, b, m);
+                gemm(
+                    p.rb_mut(),
+                    false,
+                    basis,
+                    w.rc.as_ref(),
+                    T::one(),
+                    par_layer(),
+                );
+                // S = Σ R_i R_iᵀ = R_h R_hᵀ with R_h = [R_1 … R_m] (k × mk); β2² is applied in A·Y.
+                let stacked = MatRef::from_column_major_slice(&self.coeffs, k, m * k);
+                gemm(
+                    w.s.as_mut(),
+                    false,
+                    stacked,
+                    stacked.transpose(),
+                    T::one(),
+                    par_layer(),
+                );
+            } else {
+                w.pg.as_mut().submatrix_mut(0, 0, b, m).fill(T::zero());
+                w.coef_old.fill(T::zero());
+            }
+        }
+
+        // Step 2: the new basis.
+        self.new_basis(has_basis, decay)?;
+
+        // Step 3's shared products: Q = B_tᵀ B_{t−1} and c_i = B_tᵀ g_i.
+        {
+            let w = &mut self.work;
+            let new_basis = MatRef::from_column_major_slice(&w.new_basis, b, k);
+            let old_basis = MatRef::from_column_major_slice(&self.basis, b, k);
+            gemm(
+                w.overlap.as_mut(),
+                false,
+                new_basis.transpose(),
+                old_basis,
+                T::one(),
+                Par::Seq,
+            );
+            gemm(
+                w.coef_new.as_mut(),
+                false,
+                new_basis.transpose(),
+                grad,
+                T::one(),
+                par_layer(),
+            );
+        }
+
+        // Step 5's coordinates: W = [B_t | B_⊥] spanning span(B_t, B_{t−1}), Wᵀ G' and the
+        // norm ν_i of each g'_i outside span(W).
+        let extra = if has_basis {
+            self.complement_basis()?
+        } else {
+            0
+        };
+        {
+            let w = &mut self.work;
+            let kr = k + extra;
+            if !has_basis {
+                w.lift = Mat::zeros(k, k);
+                w.wide_basis = Mat::zeros(b, k);
+                w.wide_basis
+                    .as_mut()
+                    .copy_from(MatRef::from_column_major_slice(&w.new_basis, b, k));
+            }
+            w.wide_coef = Mat::zeros(kr, m);
+            let gs = w.pg.as_ref().submatrix(0, m, b, m);
+            gemm(
+                w.wide_coef.as_mut(),
+                false,
+                w.wide_basis.transpose(),
+                gs,
+                T::one(),
+                par_layer(),
+            );
+            let (mut rest, gs) = w.pg.as_mut().split_at_col_mut(m);
+            rest.copy_from(gs.rb());
+            gemm(
+                rest.rb_mut(),
+                true,
+                w.wide_basis.as_ref(),
+                w.wide_coef.as_ref(),
+                -T::one(),
+                par_layer(),
+            );
+            for (i, col) in rest.col_iter().enumerate() {
+                w.outside[i] = col.iter().fold(T::zero(), |acc, &v| acc + v * v).sqrt();
+            }
+        }
+
+        // Steps 3–6 per block, in parallel over chunks of blocks.
+        let w = &mut self.work;
+        let inputs = BlockInputs {
+            k,
+            extra,
+            has_basis,
+            decay,
+            grad_scale,
+            eps: T::of(self.config.eps),
+            rho: self.config.rho,
+            old_coeffs: &self.coeffs,
+            old_lost_mass: &self.lost_mass,
+            overlap: w.overlap.as_ref(),
+            lift: w.lift.as_ref(),
+            wide_coef: w.wide_coef.as_ref(),
+            coef_new: w.coef_new.as_ref(),
+            outside: &w.outside,
+        };
+        let exact = matches!(self.config.rho, RhoMode::Exact);
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = m.div_ceil(threads * 4).max(8);
+        let kk = k * k;
+        let ok = w
+            .new_coeffs
+            .par_chunks_mut(chunk * kk)
+            .zip(w.new_lost_mass.par_chunks_mut(chunk))
+            .zip(w.dir_coef.par_chunks_mut(chunk * k))
+            .zip(w.iso_scale.par_chunks_mut(chunk))
+            .enumerate()
+            .all(|(c, (((coeffs, rho), dirs), iso))| {
+                let mut sc = BlockScratch::new(k, k + extra + 1, exact);
+                let first = c * chunk;
+                (0..rho.len()).all(|j| {
+                    let r_new = MatMut::from_column_major_slice_mut(
+                        &mut coeffs[j * kk..(j + 1) * kk],
+                        k,
+                        k,
+                    );
+                    let dir =
+                        MatMut::from_column_major_slice_mut(&mut dirs[j * k..(j + 1) * k], k, 1);
+                    inputs.run(first + j, &mut sc, r_new, &mut rho[j], dir, &mut iso[j])
+                })
+            });
+        if !ok {
+            return Err(self.linalg_error("block eigendecomposition"));
+        }
+        if !w.new_coeffs.iter().all(|v| v.is_finite())
+            || !w.new_lost_mass.iter().all(|v| v.is_finite())
+        {
+            return Err(self.linalg_error("block coefficients"));
+        }
+
+        // Direction (eq. 6): U = −B_t · dir_coef − G diag((ρ_i + ε)^{−1/2}).
+        let new_basis = MatRef::from_column_major_slice(&w.new_basis, b, k);
+        let dir_coef = MatRef::from_column_major_slice(&w.dir_coef, k, m);
+        gemm(
+            direction.rb_mut(),
+            false,
+            new_basis,
+            dir_coef,
+            -T::one(),
+            par_layer(),
+        );
+        for (i, col) in direction.rb_mut().col_iter_mut().enumerate() {
+            let s = w.iso_scale[i];
+            let g = grad.col(i);
+            for (r, v) in col.iter_mut().enumerate() {
+                *v = *v - s * g[r];
+            }
+        }
+
+        // Commit.
+        std::mem::swap(&mut self.basis, &mut w.new_basis);
+        std::mem::swap(&mut self.coeffs, &mut w.new_coeffs);
+        std::mem::swap(&mut self.lost_mass, &mut w.new_lost_mass);
+        self.step += 1;
+        Ok(())
+    }
+
+    fn state_bytes(&self) -> usize {
+        (self.basis.len() + self.coeffs.len() + self.lost_mass.len()) * std::mem::size_of::<T>()
+    }
+
+    fn steps(&self) -> u64 {
+        self.step
+    }
+}
+
+#[cfg(test)]
+#[path = "shared_basis_tests.rs"]
+mod tests;

@@ -1,0 +1,433 @@
+//! Tests of Algorithm 1 against independent dense f64 references (NOTES §3).
+
+use super::*;
+use crate::linalg::sym_eig;
+use rand::Rng;
+
+/// Deterministic stream of (b, m) gradients: a shared rank-`r` part with per-block
+/// coefficients, plus isotropic noise, with a per-step scale spread over `decades`.
+struct Stream {
+    rng: ChaCha8Rng,
+    factors: Mat<f64>,
+    noise: f64,
+    decades: f64,
+    b: usize,
+    m: usize,
+}
+
+impl Stream {
+    fn new(b: usize, m: usize, r: usize, noise: f64, decades: f64, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let factors = Mat::from_fn(b, r, |_, _| StandardNormal.sample(&mut rng));
+        Self {
+            rng,
+            factors,
+            noise,
+            decades,
+            b,
+            m,
+        }
+    }
+
+    fn next(&mut self) -> Mat<f64> {
+        let scale = 10f64.powf(self.rng.random_range(-self.decades..=self.decades));
+        let r = self.factors.ncols();
+        let z = Mat::<f64>::from_fn(r, self.m, |_, _| StandardNormal.sample(&mut self.rng));
+        let mut g = &self.factors * &z;
+        for j in 0..self.m {
+            for i in 0..self.b {
+                let n: f64 = StandardNormal.sample(&mut self.rng);
+                g[(i, j)] = scale * (g[(i, j)] + self.noise * n);
+            }
+        }
+        g
+    }
+}
+
+/// −(H + εI)^{−1/2} g by a dense eigendecomposition in f64.
+fn inv_root_apply(h: &Mat<f64>, shift: f64, g: MatRef<'_, f64>) -> Mat<f64> {
+    let n = h.nrows();
+    let (vals, vecs) = sym_eig(h.as_ref()).expect("oracle eigendecomposition");
+    let scaled = Mat::<f64>::from_fn(n, n, |i, j| vecs[(i, j)] / (vals[j] + shift).sqrt());
+    let root = &scaled * vecs.transpose();
+    -(&root * g)
+}
+
+fn outer_add(h: &mut Mat<f64>, g: MatRef<'_, f64>) {
+    *h += g * g.transpose();
+}
+
+fn max_rel_err(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
+    let scale = b.norm_max().max(1e-300);
+    (a - b).norm_max() / scale
+}
+
+/// B R_i Bᵀ + ρ_i I − H_i, formed densely.
+fn domination_gap(state: &SharedBasis<f64>, i: usize, h: &Mat<f64>) -> Mat<f64> {
+    let b = state.basis();
+    let approx = b * state.coeffs(i) * b.transpose();
+    let n = h.nrows();
+    Mat::from_fn(n, n, |r, c| {
+        approx[(r, c)] - h[(r, c)] + if r == c { state.lost_mass()[i] } else { 0.0 }
+    })
+}
+
+fn config(rank: usize, rho: RhoMode, eps: f64) -> SharedBasisConfig {
+    SharedBasisConfig {
+        rank,
+        rho,
+        eps,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn full_rank_equals_exact_block_diagonal_adagrad_f64() {
+    let (b, m, steps, eps) = (6, 5, 25, 1e-3);
+    for (rho, iters) in [
+        (RhoMode::PowerIteration(3), 1),
+        (RhoMode::Exact, 2),
+        (RhoMode::PowerIteration(10), 3),
+    ] {
+        let mut state = SharedBasis::<f64>::new(
+            SharedBasisConfig {
+                power_iters: iters,
+                ..config(b, rho, eps)
+            },
+            b,
+            m,
+        )
+        .unwrap();
+        let mut stream = Stream::new(b, m, 3, 0.3, 2.0, 7);
+        let mut stats = vec![Mat::<f64>::zeros(b, b); m];
+        let mut dir = Mat::<f64>::zeros(b, m);
+        let mut worst = 0.0f64;
+        for _ in 0..steps {
+            let g = stream.next();
+            state.precondition(g.as_ref(), dir.as_mut()).unwrap();
+            for i in 0..m {
+                outer_add(&mut stats[i], g.col(i).as_mat());
+                let want = inv_root_apply(&stats[i], eps, g.col(i).as_mat());
+                worst = worst.max(max_rel_err(dir.col(i).as_mat(), want.as_ref()));
+            }
+        }
+        assert!(worst <= 1e-6, "{rho:?}: max relative error {worst:e}");
+        eprintln!("full rank f64, {rho:?}: max relative error {worst:e}");
+    }
+}
+
+#[test]
+fn full_rank_equals_exact_block_diagonal_adagrad_f32() {
+    // f32 carries ~t·1e-7·‖H‖ of rounding in B R Bᵀ + ρI (each step rotates R by a Q that
+    // is orthogonal to f32 precision), so the inverse root's error in H's small directions is
+    // about that over λ_min(H) + ε: ε = 1, noise as large as the signal and scales in [0.3, 3] keep
+    // it under 1e-3.
+    let (b, m, steps, eps) = (8, 6, 25, 1.0);
+    let mut state =
+        SharedBasis::<f32>::new(config(b, RhoMode::PowerIteration(5), eps), b, m).unwrap();
+    let mut stream = Stream::new(b, m, 3, 1.0, 0.5, 11);
+    let mut stats = vec![Mat::<f64>::zeros(b, b); m];
+    let mut dir = Mat::<f32>::zeros(b, m);
+    let mut worst = 0.0f64;
+    for _ in 0..steps {
+        let g = stream.next();
+        let g32 = Mat::<f32>::from_fn(b, m, |i, j| g[(i, j)] as f32);
+        state.precondition(g32.as_ref(), dir.as_mut()).unwrap();
+        let got = Mat::<f64>::from_fn(b, m, |i, j| dir[(i, j)] as f64);
+        for i in 0..m {
+            let gi = Mat::<f64>::from_fn(b, 1, |r, _| g32[(r, i)] as f64);
+            outer_add(&mut stats[i], gi.as_ref());
+            let want = inv_root_apply(&stats[i], eps, gi.as_ref());
+            worst = worst.max(max_rel_err(got.col(i).as_mat(), want.as_ref()));
+        }
+    }
+    assert!(worst <= 1e-3, "max relative error {worst:e}");
+    eprintln!("full rank f32: max relative error {worst:e}");
+}
+
+#[test]
+fn exact_rho_dominates_the_statistics() {
+    for (b, m, k, p, beta2) in [(12, 4, 3, 0, 1.0), (16, 6, 4, 2, 1.0), (10, 3, 2, 0, 0.9)] {
+        let cfg = SharedBasisConfig {
+            oversample: p,
+            beta2,
+            ..config(k, RhoMode::Exact, 1e-8)
+        };
+        let mut state = SharedBasis::<f64>::new(cfg, b, m).unwrap();
+        let mut stream = Stream::new(b, m, 2, 0.2, 1.0, 3);
+        let mut stats = vec![Mat::<f64>::zeros(b, b); m];
+        let mut dir = Mat::<f64>::zeros(b, m);
+        let gamma = if beta2 < 1.0 { 1.0 - beta2 } else { 1.0 };
+        let mut worst = f64::INFINITY;
+        for _ in 0..30 {
+            let g = stream.next();
+            state.precondition(g.as_ref(), dir.as_mut()).unwrap();
+            for i in 0..m {
+                stats[i] *= faer::Scale(beta2);
+                let gi = g.col(i).as_mat();
+                stats[i] += faer::Scale(gamma) * (gi * gi.transpose());
+                let gap = domination_gap(&state, i, &stats[i]);
+                let (vals, _) = sym_eig(gap.as_ref()).unwrap();
+                let trace: f64 = (0..b).map(|r| stats[i][(r, r)]).sum();
+                worst = worst.min(vals[0] / trace);
+            }
+        }
+        assert!(
+            worst >= -1e-9,
+            "(b={b}, m={m}, k={k}, p={p}, β2={beta2}): min eigenvalue / trace {worst:e}"
+        );
+    }
+}
+
+#[test]
+fn power_iteration_rho_is_close_to_exact() {
+    let (b, m, k) = (24, 8, 4);
+    let mut exact = SharedBasis::<f64>::new(config(k, RhoMode::Exact, 1e-6), b, m).unwrap();
+    let mut approx =
+        SharedBasis::<f64>::new(config(k, RhoMode::PowerIteration(10), 1e-6), b, m).unwrap();
+    let mut stream = Stream::new(b, m, 3, 0.3, 1.0, 5);
+    let mut dir = Mat::<f64>::zeros(b, m);
+    for _ in 0..20 {
+        let g = stream.next();
+        exact.precondition(g.as_ref(), dir.as_mut()).unwrap();
+        approx.precondition(g.as_ref(), dir.as_mut()).unwrap();
+    }
+    for i in 0..m {
+        let (e, a) = (exact.lost_mass()[i], approx.lost_mass()[i]);
+        // The two runs see the same basis; power iteration can only undershoot each term.
+        assert!(a <= e * (1.0 + 1e-9), "block {i}: power {a} > exact {e}");
+        assert!(
+            a >= 0.9 * e,
+            "block {i}: power {a} undershoots exact {e} by more than 10%"
+        );
+    }
+}
+
+#[test]
+fn basis_orthonormal_and_coeffs_psd_after_10000_f32_steps() {
+    let (b, m, k) = (20, 8, 4);
+    let mut state =
+        SharedBasis::<f32>::new(config(k, RhoMode::PowerIteration(3), 1e-6), b, m).unwrap();
+    let mut stream = Stream::new(b, m, 3, 0.5, 1.0, 9);
+    let mut dir = Mat::<f32>::zeros(b, m);
+    for _ in 0..10_000 {
+        let g = stream.next();
+        let g32 = Mat::<f32>::from_fn(b, m, |i, j| g[(i, j)] as f32);
+        state.precondition(g32.as_ref(), dir.as_mut()).unwrap();
+    }
+    let basis = state.basis();
+    let gram = basis.transpose() * basis;
+    let off = (&gram - Mat::<f32>::identity(k, k)).norm_max();
+    assert!(off <= 1e-5, "|BᵀB − I|max = {off:e}");
+    for i in 0..m {
+        let r = state.coeffs(i);
+        let asym = (r - r.transpose()).norm_max();
+        assert!(asym == 0.0, "R_{i} not symmetric: {asym:e}");
+        let r64 = Mat::<f64>::from_fn(k, k, |a, c| r[(a, c)] as f64);
+        let (vals, _) = sym_eig(r64.as_ref()).unwrap();
+        assert!(
+            vals[0] >= -1e-5 * vals[k - 1].abs().max(1.0),
+            "R_{i} min eigenvalue {}",
+            vals[0]
+        );
+    }
+    assert!(dir.col_iter().all(|c| c.iter().all(|v| v.is_finite())));
+}
+
+#[test]
+fn factored_product_equals_explicit_sum() {
+    let (b, m, k) = (15, 7, 4);
+    let mut state = SharedBasis::<f64>::new(config(k, RhoMode::Exact, 1e-6), b, m).unwrap();
+    let mut stream = Stream::new(b, m, 3, 0.3, 1.0, 21);
+    let mut dir = Mat::<f64>::zeros(b, m);
+    for _ in 0..5 {
+        state
+            .precondition(stream.next().as_ref(), dir.as_mut())
+            .unwrap();
+    }
+    // Replicate step 1 of `precondition` for a fresh gradient, then call apply_a.
+    let g = stream.next();
+    state.ensure_workspace();
+    let basis = state.basis().to_owned();
+    let coeffs: Vec<Mat<f64>> = (0..m).map(|i| state.coeffs(i).to_owned()).collect();
+    {
+        let w = &mut state.work;
+        w.pg.as_mut().submatrix_mut(0, m, b, m).copy_from(&g);
+        for i in 0..m {
+            w.sq_norms[i] = g.col(i).squared_norm_l2();
+            let p = &basis * &coeffs[i] * basis.transpose() * g.col(i).as_mat();
+            w.pg.as_mut().submatrix_mut(0, i, b, 1).copy_from(&p);
+        }
+        w.s = coeffs.iter().fold(Mat::zeros(k, k), |acc, r| acc + r * r);
+    }
+    let y = Mat::<f64>::from_fn(b, k + 2, |i, j| ((i * 7 + j * 3) % 5) as f64 - 2.0);
+    state.work.ay = Mat::zeros(b, k + 2);
+    state.work.pgy = Mat::zeros(2 * m, k + 2);
+    state.work.right = Mat::zeros(2 * m, k + 2);
+    state.work.by = Mat::zeros(k, k + 2);
+    state.work.sby = Mat::zeros(k, k + 2);
+    state.apply_a(y.as_ref(), true, 1.0);
+    let mut want = Mat::<f64>::zeros(b, k + 2);
+    for i in 0..m {
+        let gi = g.col(i).as_mat();
+        let mi = &basis * &coeffs[i] * basis.transpose() + gi * gi.transpose();
+        want += &mi * (&mi * &y);
+    }
+    let err = max_rel_err(state.work.ay.as_ref(), want.as_ref());
+    assert!(err <= 1e-12, "factored A·Y relative error {err:e}");
+}
+
+#[test]
+fn direction_equals_explicit_inverse_root() {
+    let (b, m, k, eps) = (14, 5, 3, 1e-4);
+    let mut state =
+        SharedBasis::<f64>::new(config(k, RhoMode::PowerIteration(10), eps), b, m).unwrap();
+    let mut stream = Stream::new(b, m, 4, 0.3, 1.0, 31);
+    let mut dir = Mat::<f64>::zeros(b, m);
+    let mut worst = 0.0f64;
+    for _ in 0..12 {
+        let g = stream.next();
+        state.precondition(g.as_ref(), dir.as_mut()).unwrap();
+        let basis = state.basis();
+        for i in 0..m {
+            let approx = basis * state.coeffs(i) * basis.transpose();
+            let want = inv_root_apply(&approx, state.lost_mass()[i] + eps, g.col(i).as_mat());
+            worst = worst.max(max_rel_err(dir.col(i).as_mat(), want.as_ref()));
+        }
+    }
+    assert!(worst <= 1e-9, "eq. 6 vs explicit inverse root: {worst:e}");
+}
+
+#[test]
+fn theorem_2_bound_holds() {
+    for (b, m, k, seed) in [(16, 6, 2, 1u64), (30, 10, 4, 2), (12, 12, 1, 3)] {
+        let mut state = SharedBasis::<f64>::new(config(k, RhoMode::Exact, 1e-8), b, m).unwrap();
+        let mut stream = Stream::new(b, m, 5, 1.0, 1.0, seed);
+        let mut dir = Mat::<f64>::zeros(b, m);
+        let mut trace = 0.0;
+        for _ in 0..40 {
+            let g = stream.next();
+            trace += g.squared_norm_l2();
+            state.precondition(g.as_ref(), dir.as_mut()).unwrap();
+        }
+        let lhs: f64 = state.lost_mass().iter().map(|r| r.sqrt()).sum();
+        let rhs = (3.0 * (m as f64).powi(3)).powf(0.25) * trace.sqrt();
+        assert!(lhs > 0.0 && lhs <= rhs, "Σ√ρ = {lhs}, bound {rhs}");
+    }
+}
+
+#[test]
+fn state_bytes_match_the_formula() {
+    let (b, m, k) = (1000, 784, 32);
+    let state = SharedBasis::<f32>::new(SharedBasisConfig::default(), b, m).unwrap();
+    assert_eq!(state.state_bytes(), (b * k + m * k * k + m) * 4);
+    let capped = SharedBasis::<f32>::new(SharedBasisConfig::default(), 10, 3).unwrap();
+    assert_eq!(capped.rank(), 10);
+    assert_eq!(capped.state_bytes(), (10 * 10 + 3 * 100 + 3) * 4);
+}
+
+#[test]
+fn zero_gradients_give_zero_direction_and_finite_state() {
+    let (b, m, k) = (9, 4, 3);
+    let mut state =
+        SharedBasis::<f32>::new(config(k, RhoMode::PowerIteration(5), 1e-6), b, m).unwrap();
+    let mut dir = Mat::<f32>::from_fn(b, m, |_, _| 1.0);
+    let zero = Mat::<f32>::zeros(b, m);
+    state.precondition(zero.as_ref(), dir.as_mut()).unwrap();
+    assert_eq!(dir.norm_max(), 0.0);
+    let mut stream = Stream::new(b, m, 2, 0.1, 0.0, 4);
+    let g = stream.next();
+    let g32 = Mat::<f32>::from_fn(b, m, |i, j| g[(i, j)] as f32);
+    state.precondition(g32.as_ref(), dir.as_mut()).unwrap();
+    state.precondition(zero.as_ref(), dir.as_mut()).unwrap();
+    assert_eq!(dir.norm_max(), 0.0);
+    assert!(state.lost_mass().iter().all(|r| r.is_finite()));
+    let basis = state.basis();
+    let off = (basis.transpose() * basis - Mat::<f32>::identity(k, k)).norm_max();
+    assert!(off <= 1e-5, "|BᵀB − I|max = {off:e}");
+}
+
+#[test]
+fn bad_input_is_refused_without_state_change() {
+    let mut state =
+        SharedBasis::<f32>::new(config(2, RhoMode::PowerIteration(2), 1e-6), 5, 3).unwrap();
+    let mut dir = Mat::<f32>::zeros(5, 3);
+    let wrong = Mat::<f32>::zeros(5, 4);
+    assert!(matches!(
+        state.precondition(wrong.as_ref(), dir.as_mut()),
+        Err(PrecondError::ShapeMismatch { .. })
+    ));
+    let mut bad = Mat::<f32>::from_fn(5, 3, |i, j| (i + j) as f32);
+    bad[(2, 1)] = f32::NAN;
+    assert!(matches!(
+        state.precondition(bad.as_ref(), dir.as_mut()),
+        Err(PrecondError::NonFiniteGradient { step: 1, .. })
+    ));
+    assert_eq!(state.steps(), 0);
+    assert!(state.lost_mass().iter().all(|&r| r == 0.0));
+    for (field, cfg) in [
+        (
+            "rank",
+            SharedBasisConfig {
+                rank: 0,
+                ..Default::default()
+            },
+        ),
+        (
+            "eps",
+            SharedBasisConfig {
+                eps: 0.0,
+                ..Default::default()
+            },
+        ),
+        (
+            "beta2",
+            SharedBasisConfig {
+                beta2: 1.5,
+                ..Default::default()
+            },
+        ),
+        (
+            "rho_iters",
+            SharedBasisConfig {
+                rho: RhoMode::PowerIteration(0),
+                ..Default::default()
+            },
+        ),
+    ] {
+        match SharedBasis::<f32>::new(cfg, 5, 3) {
+            Err(PrecondError::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_result_and_serde_round_trip_continues_identically() {
+    let (b, m, k) = (11, 5, 3);
+    let cfg = SharedBasisConfig {
+        oversample: 2,
+        ..config(k, RhoMode::PowerIteration(4), 1e-6)
+    };
+    let mut a = SharedBasis::<f32>::new(cfg.clone(), b, m).unwrap();
+    let mut stream = Stream::new(b, m, 2, 0.3, 1.0, 8);
+    let grads: Vec<Mat<f32>> = (0..8)
+        .map(|_| {
+            let g = stream.next();
+            Mat::<f32>::from_fn(b, m, |i, j| g[(i, j)] as f32)
+        })
+        .collect();
+    let mut da = Mat::<f32>::zeros(b, m);
+    for g in &grads[..4] {
+        a.precondition(g.as_ref(), da.as_mut()).unwrap();
+    }
+    let saved = serde_json::to_string(&a).unwrap();
+    let mut restored: SharedBasis<f32> = serde_json::from_str(&saved).unwrap();
+    let mut db = Mat::<f32>::zeros(b, m);
+    for g in &grads[4..] {
+        a.precondition(g.as_ref(), da.as_mut()).unwrap();
+        restored.precondition(g.as_ref(), db.as_mut()).unwrap();
+        assert_eq!(da, db);
+    }
+    let _ = rand::rng();
+}
