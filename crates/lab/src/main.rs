@@ -1,1 +1,98 @@
-fn main() {}
+//! `precond`: the command line of the precond project (benchmarks, replay, reports).
+
+mod autoencoder;
+mod mnist;
+mod optimizers;
+mod replay;
+mod report;
+mod train;
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "precond",
+    version,
+    about = "Second-order optimizers: benchmarks and tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Top-level subcommands; add one variant and one match arm per new subcommand.
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once: variant sizes do not matter
+enum Command {
+    /// Train a benchmark model
+    #[command(subcommand)]
+    Train(TrainTask),
+    /// Markdown table (as the paper's Table 2) and loss plots of run directories
+    Report(report::ReportArgs),
+    /// Replay a (T, b, m) gradient .npy through a preconditioner; saves the raw directions u_t
+    /// (θ_{t+1} = θ_t + lr·u_t)
+    #[command(long_about = replay::LONG_ABOUT)]
+    Replay(replay::ReplayArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TrainTask {
+    /// The paper's MNIST autoencoder benchmark (NOTES.md §6)
+    Autoencoder(train::TrainArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
+        Command::Train(TrainTask::Autoencoder(args)) => {
+            let stop = interrupt_flag();
+            train::run(&args, &stop)
+                .map(|r| {
+                    let loss = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+                    println!(
+                        "{}: {} epochs, train loss {}, test loss {}, params sha256 {}",
+                        r.out.display(),
+                        r.summary.epochs,
+                        loss(r.summary.final_train_loss),
+                        loss(r.summary.final_test_loss),
+                        r.summary.params_sha256
+                    );
+                    // 130: the conventional status of a run ended by SIGINT.
+                    match r.summary.ending {
+                        train::Ending::Interrupted => ExitCode::from(130),
+                        _ => ExitCode::SUCCESS,
+                    }
+                })
+                .map_err(Into::into)
+        }
+        Command::Report(args) => report::cli(&args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Into::into),
+        Command::Replay(args) => replay::command(&args).map_err(Into::into),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// A flag set by the first Ctrl-C (a second one ends the process at once).
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let installed = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("interrupted again: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: stopping after the current step (Ctrl-C again to quit now)");
+    });
+    if let Err(e) = installed {
+        eprintln!("warning: Ctrl-C handler not installed: {e}");
+    }
+    stop
+}

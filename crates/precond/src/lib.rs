@@ -5,6 +5,8 @@
 //! optax compose optimizers: a [`preconditioner::Preconditioner`] turns a gradient into a raw
 //! direction; grafting, momentum, weight decay and learning-rate schedules wrap it.
 
+#[cfg(feature = "burn")]
+pub mod burn_adapter;
 pub mod error;
 pub mod graft;
 pub mod linalg;
@@ -17,7 +19,11 @@ pub mod shared_basis;
 pub mod view;
 pub mod weight_decay;
 
+#[cfg(feature = "burn")]
+pub use burn_adapter::{SharedBasisHandle, SharedBasisOptimizer, SharedBasisOptimizerConfig};
 pub use error::{PrecondError, Result};
+/// The faer version whose `MatRef`/`MatMut` appear in [`Preconditioner`]'s signature.
+pub use faer;
 pub use graft::{GraftConfig, GraftKind, GraftState};
 pub use momentum::{MomentumConfig, MomentumState};
 pub use optimizer::{Fallback, Method, MethodState, OptimizerConfig, ParamOptimizer, ParamPath};

@@ -895,6 +895,17 @@ mod tests {
     }
 
     #[test]
+    fn state_bytes_of_a_1000_by_784_layer_follow_the_paper_formula() {
+        // A burn Linear weight [d_in, d_out] = [1000, 784]: b = 1000, m = 784, k = 32.
+        let (b, m, k) = (1000usize, 784usize, 32usize);
+        let cfg = OptimizerConfig::default();
+        let o = ParamOptimizer::new(&cfg, &[b, m], None, false).unwrap();
+        let floats = b * k + m * k * k + m;
+        // rmsprop-normalized grafting keeps one second moment and momentum one buffer.
+        assert_eq!(o.state_bytes(), (floats + b * m + b * m) * 4);
+    }
+
+    #[test]
     fn invalid_configs_are_rejected() {
         let d = OptimizerConfig::default();
         d.validate().unwrap();

@@ -608,20 +608,13 @@ impl<T: Scalar> BlockScratch<T> {
     }
 }
 
-fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::zero(), |acc, (&u, &v)| acc + u * v)
+/// A slice as a column vector.
+fn col<T: Scalar>(v: &[T]) -> MatRef<'_, T> {
+    MatRef::from_column_major_slice(v, v.len(), 1)
 }
 
-/// out = mat · x for a small column-major matrix.
-fn matvec<T: Scalar>(mat: MatRef<'_, T>, x: &[T], out: &mut [T]) {
-    out.iter_mut().for_each(|v| *v = T::zero());
-    for (j, &xj) in x.iter().enumerate() {
-        if xj != T::zero() {
-            for (o, &a) in out.iter_mut().zip(mat.col(j).iter()) {
-                *o = *o + a * xj;
-            }
-        }
-    }
+fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::zero(), |acc, (&u, &v)| acc + u * v)
 }
 
 impl<'a, T: Scalar> BlockInputs<'a, T> {
@@ -639,32 +632,22 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         let (k, kr) = (self.k, self.k + self.extra);
         let e = self.wide_coef.col(i);
         let nu = self.outside[i];
-        let ex = (0..kr).fold(T::zero(), |acc, j| acc + e[j] * x[j]) + nu * x[kr];
-        // −R_new x_top
-        matvec(r_new, &x[..k], &mut y[..k]);
-        for v in y[..k].iter_mut() {
-            *v = -*v;
-        }
-        for v in y[k..].iter_mut() {
-            *v = T::zero();
+        let ex = e.iter().zip(&x[..kr]).fold(T::zero(), |acc, (&a, &b)| acc + a * b) + nu * x[kr];
+        // y_top = −R_new x_top; the rest starts at zero.
+        {
+            let (top, rest) = y.split_at_mut(k);
+            let top = MatMut::from_column_major_slice_mut(top, k, 1);
+            gemm(top, false, r_new, col(&x[..k]), -T::one(), Par::Seq);
+            rest.iter_mut().for_each(|v| *v = T::zero());
         }
         if self.has_basis {
-            // L (β2 R_old (Lᵀ x))
-            for (j, u) in sc_u.iter_mut().enumerate() {
-                *u = self
-                    .lift
-                    .col(j)
-                    .iter()
-                    .zip(&x[..kr])
-                    .fold(T::zero(), |acc, (&l, &xv)| acc + l * xv);
-            }
-            matvec(r_old, sc_u, sc_v);
-            for (j, &vj) in sc_v.iter().enumerate() {
-                let coef = self.decay * vj;
-                for (yr, &l) in y[..kr].iter_mut().zip(self.lift.col(j).iter()) {
-                    *yr = *yr + l * coef;
-                }
-            }
+            // y_{:k+r} += L (β2 R_old (Lᵀ x_{:k+r})).
+            let u = MatMut::from_column_major_slice_mut(sc_u, k, 1);
+            gemm(u, false, self.lift.transpose(), col(&x[..kr]), T::one(), Par::Seq);
+            let v = MatMut::from_column_major_slice_mut(sc_v, k, 1);
+            gemm(v, false, r_old, col(sc_u), self.decay, Par::Seq);
+            let head = MatMut::from_column_major_slice_mut(&mut y[..kr], kr, 1);
+            gemm(head, true, self.lift, col(sc_v), T::one(), Par::Seq);
         }
         for (yr, &er) in y[..kr].iter_mut().zip(e.iter()) {
             *yr = *yr + er * ex;

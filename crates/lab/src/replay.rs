@@ -1,0 +1,634 @@
+//! `precond replay`: run a recorded gradient sequence of one layer through a preconditioner and
+//! save each step's raw direction, for cross-checks against other implementations.
+//!
+//! Input: a `.npy` array of shape (T, b, m), float32 or float64, C or Fortran order: T steps of
+//! one layer's (b, m) gradient, blocks are the columns (`g[t, :, i]` is block i). Output: a
+//! float32 C-order `.npy` of the same shape whose `[t]` is the raw direction u_t of eq. 6 of the
+//! paper, minus sign included (θ_{t+1} = θ_t + lr·u_t), with no grafting, momentum, weight decay
+//! or learning rate. float64 input runs `SharedBasis<f64>`, float32 input `SharedBasis<f32>`,
+//! both through the [`Preconditioner`] trait.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
+use precond::faer::{MatMut, MatRef};
+use precond::{PrecondError, Preconditioner, RhoMode, Scalar, SharedBasis, SharedBasisConfig};
+use thiserror::Error;
+
+/// The long help of `precond replay` (used by main.rs).
+pub const LONG_ABOUT: &str = "\
+Replay a recorded gradient sequence of one layer through a preconditioner and save each step's \
+raw preconditioned direction.
+
+Input (--grads): a .npy array of shape (T, b, m), float32 or float64, C or Fortran order: T steps \
+of one layer's (b, m) gradient; the blocks are the columns (g[t, :, i] is block i).
+
+Output (--out): float32, C order, shape (T, b, m). OUT[t] is the raw direction u_t of eq. 6, \
+minus sign included: per block, u_i = -(B R_i B^T + (rho_i + eps) I)^(-1/2) g_i, so that a plain \
+step reads theta_{t+1} = theta_t + lr * u_t. No grafting, momentum, weight decay or learning rate \
+is applied.
+
+Precision: float64 input runs SharedBasis<f64>, float32 input runs SharedBasis<f32> (the output \
+is float32 either way).";
+
+/// The preconditioners `replay` knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplayOptimizer {
+    /// The shared-basis block low-rank preconditioner (Algorithm 1).
+    SharedBasis,
+}
+
+/// Arguments of `precond replay`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    /// The preconditioner.
+    #[arg(long, value_enum)]
+    pub optimizer: ReplayOptimizer,
+    /// Input gradients: .npy, float32 or float64, shape (T, b, m); blocks are the columns.
+    #[arg(long, value_name = "IN.npy")]
+    pub grads: PathBuf,
+    /// Output directions u_t (float32, shape (T, b, m)), θ_{t+1} = θ_t + lr·u_t.
+    #[arg(long, value_name = "OUT.npy")]
+    pub out: PathBuf,
+    /// Rank k of the shared basis (capped at b).
+    #[arg(long, default_value_t = 32)]
+    pub rank: usize,
+    /// Oversampling p of the randomized SVD.
+    #[arg(long, default_value_t = 0)]
+    pub oversample: usize,
+    /// Power iterations of the randomized SVD per step.
+    #[arg(long, default_value_t = 1)]
+    pub power_iters: usize,
+    /// Power iterations measuring the lost mass ρ.
+    #[arg(long, default_value_t = 10, conflicts_with = "rho_exact")]
+    pub rho_iters: usize,
+    /// Measure ρ exactly (eigendecompositions) instead of by power iteration.
+    #[arg(long)]
+    pub rho_exact: bool,
+    /// ε added to ρ_i before the inverse square root (> 0).
+    #[arg(long, default_value_t = 1e-6)]
+    pub eps: f64,
+    /// Decay of the statistics in (0, 1]; 1 is Algorithm 1's plain sum.
+    #[arg(long, default_value_t = 1.0)]
+    pub beta2: f64,
+    /// Seed of the randomized SVD's Gaussian start.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the preconditioner's state bytes.
+    #[arg(long)]
+    pub print_memory: bool,
+}
+
+impl ReplayArgs {
+    /// The shared-basis configuration these flags describe.
+    pub fn shared_basis_config(&self) -> SharedBasisConfig {
+        SharedBasisConfig {
+            rank: self.rank,
+            oversample: self.oversample,
+            power_iters: self.power_iters,
+            rho: if self.rho_exact {
+                RhoMode::Exact
+            } else {
+                RhoMode::PowerIteration(self.rho_iters)
+            },
+            eps: self.eps,
+            beta2: self.beta2,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Everything that can go wrong in `replay`; every variant names the file concerned.
+#[derive(Debug, Error)]
+pub enum ReplayError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    BadInput { path: PathBuf, msg: String },
+    #[error("{path}: step {step}: {source}")]
+    Step {
+        path: PathBuf,
+        step: usize,
+        source: PrecondError,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(PrecondError),
+}
+
+/// The element type of the input file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+/// Gradients read from a file, in C order (T, b, m).
+#[derive(Clone, Debug, PartialEq)]
+pub enum GradData {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+/// A (T, b, m) gradient sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grads {
+    pub steps: usize,
+    pub rows: usize,
+    pub blocks: usize,
+    pub data: GradData,
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplayReport {
+    pub steps: usize,
+    pub rows: usize,
+    pub blocks: usize,
+    pub precision: Precision,
+    /// The preconditioner's state bytes after the last step.
+    pub state_bytes: usize,
+}
+
+/// `precond replay`: runs and prints a one-line summary (and the state bytes on request).
+pub fn command(args: &ReplayArgs) -> Result<ExitCode, ReplayError> {
+    let r = run(args)?;
+    println!(
+        "{}: {} steps of a ({}, {}) layer, {:?} shared basis",
+        args.out.display(),
+        r.steps,
+        r.rows,
+        r.blocks,
+        r.precision
+    );
+    if args.print_memory {
+        println!("state bytes: {}", r.state_bytes);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads `args.grads`, replays it, writes `args.out`.
+pub fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
+    let ReplayOptimizer::SharedBasis = args.optimizer;
+    let config = args.shared_basis_config();
+    config.validate().map_err(ReplayError::Config)?;
+    let g = read_grads(&args.grads)?;
+    let (t, b, m) = (g.steps, g.rows, g.blocks);
+    let (dirs, state_bytes, precision) = match &g.data {
+        GradData::F32(v) => {
+            let (d, s) = replay::<f32>(v, t, b, m, config, &args.grads)?;
+            (d, s, Precision::F32)
+        }
+        GradData::F64(v) => {
+            let (d, s) = replay::<f64>(v, t, b, m, config, &args.grads)?;
+            (d, s, Precision::F64)
+        }
+    };
+    write_f32(&args.out, &dirs, [t, b, m])?;
+    Ok(ReplayReport {
+        steps: t,
+        rows: b,
+        blocks: m,
+        precision,
+        state_bytes,
+    })
+}
+
+/// Runs `SharedBasis<T>` over the C-order (T, b, m) `data`; returns the directions (C order,
+/// f32) and the final state bytes.
+pub fn replay<T: Scalar>(
+    data: &[T],
+    steps: usize,
+    rows: usize,
+    blocks: usize,
+    config: SharedBasisConfig,
+    path: &Path,
+) -> Result<(Vec<f32>, usize), ReplayError> {
+    let (b, m) = (rows, blocks);
+    let mut sb = SharedBasis::<T>::new(config, b, m).map_err(ReplayError::Config)?;
+    let mut out = Vec::with_capacity(steps * b * m);
+    // Column-major (b, m) buffers: column i is block i.
+    let mut grad = vec![T::zero(); b * m];
+    let mut dir = vec![T::zero(); b * m];
+    for (t, slab) in data.chunks_exact(b * m).take(steps).enumerate() {
+        if slab.iter().any(|x| !x.is_finite()) {
+            return Err(ReplayError::BadInput {
+                path: path.to_path_buf(),
+                msg: format!("step {t}: the gradient holds NaN or infinity"),
+            });
+        }
+        for r in 0..b {
+            for c in 0..m {
+                grad[c * b + r] = slab[r * m + c];
+            }
+        }
+        sb.precondition(
+            MatRef::from_column_major_slice(&grad, b, m),
+            MatMut::from_column_major_slice_mut(&mut dir, b, m),
+        )
+        .map_err(|source| ReplayError::Step {
+            path: path.to_path_buf(),
+            step: t,
+            source,
+        })?;
+        for r in 0..b {
+            for c in 0..m {
+                out.push(dir[c * b + r].f64() as f32);
+            }
+        }
+    }
+    Ok((out, Preconditioner::<T>::state_bytes(&sb)))
+}
+
+/// Reads a (T, b, m) float32/float64 `.npy` (C or Fortran order) into C order, with errors that
+/// name the file.
+pub fn read_grads(path: &Path) -> Result<Grads, ReplayError> {
+    let bad = |msg: String| ReplayError::BadInput {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let bytes = std::fs::read(path).map_err(|source| ReplayError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let npy = NpyFile::new(&bytes[..]).map_err(|e| bad(format!("not a valid .npy file: {e}")))?;
+    let header = npy.header().clone();
+    let shape: Vec<u64> = header.shape().to_vec();
+    let [t, b, m] = shape[..] else {
+        return Err(bad(format!(
+            "expected a 3-D array (T, b, m), got shape {shape:?}"
+        )));
+    };
+    if b == 0 || m == 0 {
+        return Err(bad(format!(
+            "b and m must be at least 1, got shape {shape:?}"
+        )));
+    }
+    let precision = match header.dtype() {
+        DType::Plain(ts) if ts.type_char() == TypeChar::Float && ts.size_field() == 4 => {
+            Precision::F32
+        }
+        DType::Plain(ts) if ts.type_char() == TypeChar::Float && ts.size_field() == 8 => {
+            Precision::F64
+        }
+        other => {
+            return Err(bad(format!(
+                "unsupported dtype {}: expected float32 or float64",
+                other.descr()
+            )))
+        }
+    };
+    let item = if precision == Precision::F32 { 4 } else { 8 };
+    let dims = [t, b, m].map(|d| usize::try_from(d).unwrap_or(usize::MAX));
+    let n = dims[0]
+        .checked_mul(dims[1])
+        .and_then(|x| x.checked_mul(dims[2]))
+        .filter(|n| n.checked_mul(item).is_some())
+        .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
+    let order = header.order();
+    let data: &[u8] = npy.into_inner();
+    let want = n * item;
+    if data.len() < want {
+        return Err(bad(format!(
+            "truncated: shape {shape:?} needs {want} data bytes, the file has {}",
+            data.len()
+        )));
+    }
+    if data.len() > want {
+        return Err(bad(format!(
+            "{} unexpected bytes after the data of shape {shape:?}",
+            data.len() - want
+        )));
+    }
+    let [t, b, m] = dims;
+    let read_err = |e: std::io::Error| bad(format!("cannot read the data: {e}"));
+    let data = match precision {
+        Precision::F32 => GradData::F32(to_c_order(
+            NpyFile::with_header(header, data)
+                .into_vec::<f32>()
+                .map_err(read_err)?,
+            order,
+            [t, b, m],
+        )),
+        Precision::F64 => GradData::F64(to_c_order(
+            NpyFile::with_header(header, data)
+                .into_vec::<f64>()
+                .map_err(read_err)?,
+            order,
+            [t, b, m],
+        )),
+    };
+    Ok(Grads {
+        steps: t,
+        rows: b,
+        blocks: m,
+        data,
+    })
+}
+
+/// Fortran order stores element (s, r, c) at s + T·(r + b·c); returns C order.
+fn to_c_order<T: Copy>(v: Vec<T>, order: Order, [t, b, m]: [usize; 3]) -> Vec<T> {
+    match order {
+        Order::C => v,
+        Order::Fortran => {
+            let mut out = Vec::with_capacity(v.len());
+            for s in 0..t {
+                for r in 0..b {
+                    for c in 0..m {
+                        out.push(v[s + t * (r + b * c)]);
+                    }
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Writes a float32 C-order `.npy` of `shape`.
+pub fn write_f32(path: &Path, data: &[f32], shape: [usize; 3]) -> Result<(), ReplayError> {
+    let io = |source| ReplayError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::create(path).map_err(io)?;
+    let shape = shape.map(|d| d as u64);
+    let mut w = npyz::WriteOptions::<f32>::new()
+        .default_dtype()
+        .shape(&shape)
+        .writer(BufWriter::new(file))
+        .begin_nd()
+        .map_err(io)?;
+    w.extend(data.iter().copied()).map_err(io)?;
+    w.finish().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use npyz::WriterBuilder;
+    use precond::faer::{Mat, Side};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn args(grads: PathBuf, out: PathBuf) -> ReplayArgs {
+        ReplayArgs {
+            optimizer: ReplayOptimizer::SharedBasis,
+            grads,
+            out,
+            rank: 6,
+            oversample: 0,
+            power_iters: 1,
+            rho_iters: 10,
+            rho_exact: false,
+            eps: 1e-2,
+            beta2: 1.0,
+            seed: 0,
+            print_memory: false,
+        }
+    }
+
+    fn write_npy<T: npyz::AutoSerialize + Copy>(
+        path: &Path,
+        data: &[T],
+        shape: &[u64],
+        order: Order,
+    ) {
+        let mut w = npyz::WriteOptions::<T>::new()
+            .default_dtype()
+            .shape(shape)
+            .order(order)
+            .writer(BufWriter::new(File::create(path).unwrap()))
+            .begin_nd()
+            .unwrap();
+        w.extend(data.iter().copied()).unwrap();
+        w.finish().unwrap();
+    }
+
+    fn read_f32(path: &Path) -> (Vec<u64>, Vec<f32>) {
+        let bytes = std::fs::read(path).unwrap();
+        let npy = NpyFile::new(&bytes[..]).unwrap();
+        assert_eq!(npy.order(), Order::C);
+        let shape = npy.shape().to_vec();
+        (shape, npy.into_vec::<f32>().unwrap())
+    }
+
+    /// Seeded gradients (T, b, m) in C order.
+    fn gradients(t: usize, b: usize, m: usize, seed: u64) -> Vec<f64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..t * b * m)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect()
+    }
+
+    /// Exact block-diagonal Adagrad in f64: u = −(Σ_{s≤t} g gᵀ + εI)^{−1/2} g per block (column).
+    fn adagrad_reference(g: &[f64], t: usize, b: usize, m: usize, eps: f64) -> Vec<f64> {
+        let mut stats = vec![Mat::<f64>::zeros(b, b); m];
+        let mut out = vec![0.0; t * b * m];
+        for s in 0..t {
+            for (c, st) in stats.iter_mut().enumerate() {
+                let col: Vec<f64> = (0..b).map(|r| g[(s * b + r) * m + c]).collect();
+                for i in 0..b {
+                    for j in 0..b {
+                        st[(i, j)] += col[i] * col[j];
+                    }
+                }
+                let mut a = st.clone();
+                for i in 0..b {
+                    a[(i, i)] += eps;
+                }
+                let evd = a.self_adjoint_eigen(Side::Lower).unwrap();
+                let (u, lam) = (evd.U(), evd.S().column_vector());
+                for r in 0..b {
+                    let mut x = 0.0;
+                    for k in 0..b {
+                        let proj: f64 = (0..b).map(|i| u[(i, k)] * col[i]).sum();
+                        x += u[(r, k)] * proj / lam[k].sqrt();
+                    }
+                    out[(s * b + r) * m + c] = -x;
+                }
+            }
+        }
+        out
+    }
+
+    fn max_err(got: &[f32], want: &[f64]) -> f64 {
+        got.iter()
+            .zip(want)
+            .map(|(&a, &b)| (a as f64 - b).abs())
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn full_rank_replay_equals_block_adagrad() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, b, m) = (5usize, 6usize, 3usize);
+        let g = gradients(t, b, m, 1);
+        let want = adagrad_reference(&g, t, b, m, 1e-2);
+        let shape = [t as u64, b as u64, m as u64];
+
+        // float32 input: SharedBasis<f32>.
+        let (inp, out) = (dir.path().join("g32.npy"), dir.path().join("u32.npy"));
+        let g32: Vec<f32> = g.iter().map(|&x| x as f32).collect();
+        write_npy(&inp, &g32, &shape, Order::C);
+        let report = run(&args(inp, out.clone())).unwrap();
+        assert_eq!(report.precision, Precision::F32);
+        assert_eq!((report.steps, report.rows, report.blocks), (t, b, m));
+        // k = 6: basis 6·6, coefficients 3·6·6, ρ 3, all f32.
+        assert_eq!(report.state_bytes, (36 + 108 + 3) * 4);
+        let (got_shape, got) = read_f32(&out);
+        assert_eq!(got_shape, shape);
+        let err32 = max_err(&got, &want);
+        // Measured 4.3e-5 (directions are O(1)): f32 kernels and the f32 rounding of g.
+        assert!(err32 <= 1e-4, "f32 max error {err32}");
+
+        // float64 input: SharedBasis<f64>; the error left is the f32 rounding of the output.
+        let (inp, out) = (dir.path().join("g64.npy"), dir.path().join("u64.npy"));
+        write_npy(&inp, &g, &shape, Order::C);
+        let report = run(&args(inp, out.clone())).unwrap();
+        assert_eq!(report.precision, Precision::F64);
+        assert_eq!(report.state_bytes, (36 + 108 + 3) * 8);
+        let err64 = max_err(&read_f32(&out).1, &want);
+        assert!(err64 <= 1e-6, "f64 max error {err64}");
+        eprintln!("max |err| vs exact block Adagrad: f32 input {err32:.2e}, f64 input {err64:.2e}");
+    }
+
+    #[test]
+    fn fortran_order_input_is_read_correctly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, b, m) = (4usize, 5usize, 3usize);
+        let g: Vec<f32> = gradients(t, b, m, 2).iter().map(|&x| x as f32).collect();
+        let shape = [t as u64, b as u64, m as u64];
+        let c_path = dir.path().join("c.npy");
+        write_npy(&c_path, &g, &shape, Order::C);
+        // The same array stored in Fortran order: element (s, r, c) at s + T(r + b c).
+        let mut f = vec![0.0f32; g.len()];
+        for s in 0..t {
+            for r in 0..b {
+                for c in 0..m {
+                    f[s + t * (r + b * c)] = g[(s * b + r) * m + c];
+                }
+            }
+        }
+        let f_path = dir.path().join("f.npy");
+        write_npy(&f_path, &f, &shape, Order::Fortran);
+        assert_eq!(read_grads(&c_path).unwrap(), read_grads(&f_path).unwrap());
+        let mut a = args(c_path, dir.path().join("uc.npy"));
+        a.rank = 2;
+        run(&a).unwrap();
+        let mut fa = args(f_path, dir.path().join("uf.npy"));
+        fa.rank = 2;
+        run(&fa).unwrap();
+        assert_eq!(
+            read_f32(&a.out).1,
+            read_f32(&fa.out).1,
+            "same directions from C and Fortran files"
+        );
+    }
+
+    fn error_of(path: &Path) -> String {
+        let out = path.with_extension("out.npy");
+        let e = run(&args(path.to_path_buf(), out.clone())).unwrap_err();
+        assert!(!out.exists(), "no output on error");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&path.display().to_string()),
+            "error must name the file: {msg}"
+        );
+        msg
+    }
+
+    #[test]
+    fn bad_inputs_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |name: &str| dir.path().join(name);
+
+        write_npy(&p("2d.npy"), &[1.0f32; 6], &[2, 3], Order::C);
+        let msg = error_of(&p("2d.npy"));
+        assert!(msg.contains("3-D"), "{msg}");
+
+        write_npy(&p("int.npy"), &[1i32; 12], &[2, 3, 2], Order::C);
+        let msg = error_of(&p("int.npy"));
+        assert!(msg.contains("dtype") && msg.contains("<i4"), "{msg}");
+
+        write_npy(&p("full.npy"), &[1.0f32; 12], &[2, 3, 2], Order::C);
+        let bytes = std::fs::read(p("full.npy")).unwrap();
+        std::fs::write(p("trunc.npy"), &bytes[..bytes.len() - 5]).unwrap();
+        let msg = error_of(&p("trunc.npy"));
+        assert!(msg.contains("truncated"), "{msg}");
+        let mut extra = bytes.clone();
+        extra.extend_from_slice(&[0; 4]);
+        std::fs::write(p("extra.npy"), &extra).unwrap();
+        assert!(error_of(&p("extra.npy")).contains("unexpected bytes"));
+
+        std::fs::write(p("garbage.npy"), b"this is not an npy file at all").unwrap();
+        let msg = error_of(&p("garbage.npy"));
+        assert!(msg.contains("not a valid .npy"), "{msg}");
+        let mut bad_header = bytes.clone();
+        bad_header[12] = b'#';
+        std::fs::write(p("header.npy"), &bad_header).unwrap();
+        error_of(&p("header.npy"));
+
+        write_npy(&p("empty.npy"), &[0.0f32; 0], &[3, 0, 2], Order::C);
+        assert!(error_of(&p("empty.npy")).contains("at least 1"));
+
+        let mut nan = vec![1.0f64; 12];
+        nan[7] = f64::NAN;
+        write_npy(&p("nan.npy"), &nan, &[2, 3, 2], Order::C);
+        assert!(error_of(&p("nan.npy")).contains("step 1"));
+
+        let missing = p("missing.npy");
+        let e = run(&args(missing.clone(), p("o.npy"))).unwrap_err();
+        assert!(matches!(e, ReplayError::Io { .. }));
+        assert!(e.to_string().contains("missing.npy"));
+
+        // A bad configuration is refused before reading.
+        let mut a = args(p("full.npy"), p("o2.npy"));
+        a.eps = 0.0;
+        assert!(matches!(run(&a), Err(ReplayError::Config(_))));
+    }
+
+    #[test]
+    fn help_states_the_direction_convention() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ReplayArgs,
+        }
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("θ_{t+1} = θ_t + lr·u_t"), "{help}");
+        assert!(LONG_ABOUT.contains("theta_{t+1} = theta_t + lr * u_t"));
+        assert!(LONG_ABOUT.contains("SharedBasis<f64>") && LONG_ABOUT.contains("SharedBasis<f32>"));
+        let ok = Cli::try_parse_from([
+            "x",
+            "--optimizer",
+            "shared-basis",
+            "--grads",
+            "a.npy",
+            "--out",
+            "b.npy",
+            "--rho-exact",
+            "--print-memory",
+        ])
+        .unwrap();
+        assert_eq!(ok.args.shared_basis_config().rho, RhoMode::Exact);
+        assert!(Cli::try_parse_from([
+            "x",
+            "--optimizer",
+            "shared-basis",
+            "--grads",
+            "a.npy",
+            "--out",
+            "b.npy",
+            "--rho-exact",
+            "--rho-iters",
+            "3",
+        ])
+        .is_err());
+    }
+}

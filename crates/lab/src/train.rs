@@ -1,0 +1,1103 @@
+//! `precond train autoencoder`: the training loop of the MNIST autoencoder benchmark.
+//!
+//! Outputs in the run directory: `epochs.csv` (epoch,train_loss,test_loss,wall_s),
+//! `summary.json` and `checkpoint.bin` (written atomically at the end of every run and every
+//! `--save-every` epochs; `--resume DIR` continues a run bit for bit).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Device, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::autoencoder::{sigmoid_cross_entropy, sigmoid_cross_entropy_sum, Autoencoder};
+use crate::mnist::{self, MnistError, Split, PIXELS};
+use crate::optimizers::{
+    build_optimizer, default_lr, optimizer_state_bytes, OptimizerError, OptimizerHparams,
+};
+
+/// Default data directory (relative to the working directory).
+pub const DEFAULT_DATA: &str = "../shared/data/mnist";
+/// Name of the checkpoint file in a run directory.
+pub const CHECKPOINT: &str = "checkpoint.bin";
+const CHECKPOINT_MAGIC: &[u8; 16] = b"PRECOND-CKPT-v1\n";
+
+#[derive(Debug, Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Mnist(#[from] MnistError),
+    #[error(transparent)]
+    Optimizer(#[from] OptimizerError),
+    #[error("{path}: {source}", path = path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}", path = path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+    #[error("{path}: invalid config: {msg}", path = path.display())]
+    ConfigFile { path: PathBuf, msg: String },
+    #[error("invalid setting: {0}")]
+    Setting(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Settings that flags or a `--config FILE.toml` may give (same names, `-` in flags, `_` in
+/// TOML); flags override the file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Directory holding the MNIST IDX files [default: ../shared/data/mnist]
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run directory [default: runs/<optimizer>-<UTC timestamp>]
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Optimizer: adam [default: adam]
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// Peak learning rate [default for adam: 1e-3, untuned]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// First-moment decay [default: 0.9]
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// Second-moment decay [default: 0.999]
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// Denominator epsilon [default: 1e-8]
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// Weight decay (for adam: coupled L2 penalty) [default: 0]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Examples per step [default: 1000]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Epochs [default: 100]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Fraction of all steps used for linear warmup, then linear decay to 0 [default: 0.05]
+    #[arg(long)]
+    pub warmup_frac: Option<f64>,
+    /// Seed of the initialization and of the shuffling [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Use only the first N training images
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Use only the first N test images
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+    /// Also write the checkpoint every N epochs
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// End after N epochs of this invocation, as if interrupted (checkpoint + partial summary)
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+}
+
+impl TrainSettings {
+    /// `self` where set, else `other`.
+    pub fn or(self, other: TrainSettings) -> TrainSettings {
+        TrainSettings {
+            data: self.data.or(other.data),
+            out: self.out.or(other.out),
+            optimizer: self.optimizer.or(other.optimizer),
+            lr: self.lr.or(other.lr),
+            beta1: self.beta1.or(other.beta1),
+            beta2: self.beta2.or(other.beta2),
+            eps: self.eps.or(other.eps),
+            weight_decay: self.weight_decay.or(other.weight_decay),
+            batch_size: self.batch_size.or(other.batch_size),
+            epochs: self.epochs.or(other.epochs),
+            warmup_frac: self.warmup_frac.or(other.warmup_frac),
+            seed: self.seed.or(other.seed),
+            limit: self.limit.or(other.limit),
+            test_limit: self.test_limit.or(other.test_limit),
+            save_every: self.save_every.or(other.save_every),
+            stop_after: self.stop_after.or(other.stop_after),
+        }
+    }
+
+    /// Read settings from a TOML file.
+    pub fn from_toml_file(path: &Path) -> Result<TrainSettings, TrainError> {
+        let text = fs::read_to_string(path).map_err(io_err(path))?;
+        toml::from_str(&text).map_err(|e| TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
+    }
+}
+
+/// `precond train autoencoder` arguments.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub settings: TrainSettings,
+    /// TOML file with any of the settings above (flags override it)
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in DIR from its checkpoint (hyperparameters come from the checkpoint)
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+}
+
+/// Everything that determines the result of a run; recorded in `summary.json` as `config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub optimizer: OptimizerHparams,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub warmup_frac: f64,
+    pub seed: u64,
+    pub limit: Option<usize>,
+    pub test_limit: Option<usize>,
+    pub data: PathBuf,
+    pub model: String,
+    pub loss: String,
+    pub init: String,
+    pub schedule: String,
+}
+
+impl TrainConfig {
+    /// Resolve settings into a config, with defaults for what is unset.
+    pub fn from_settings(s: &TrainSettings) -> Result<TrainConfig, TrainError> {
+        let name = s.optimizer.clone().unwrap_or_else(|| "adam".to_string());
+        let lr = match s.lr {
+            Some(lr) => lr,
+            None => default_lr(&name)?,
+        };
+        let config = TrainConfig {
+            optimizer: OptimizerHparams {
+                name,
+                lr,
+                beta1: s.beta1.unwrap_or(0.9),
+                beta2: s.beta2.unwrap_or(0.999),
+                eps: s.eps.unwrap_or(1e-8),
+                weight_decay: s.weight_decay.unwrap_or(0.0),
+            },
+            batch_size: s.batch_size.unwrap_or(1000),
+            epochs: s.epochs.unwrap_or(100),
+            warmup_frac: s.warmup_frac.unwrap_or(0.05),
+            seed: s.seed.unwrap_or(0),
+            limit: s.limit,
+            test_limit: s.test_limit,
+            data: s
+                .data
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
+            model: "784-1000-500-250-30-250-500-1000-784, tanh, linear code and output".into(),
+            loss: "sigmoid cross-entropy with logits, sum over pixels, mean over batch".into(),
+            init: "Glorot uniform weights (ChaCha8, seed), zero biases".into(),
+            schedule: "linear warmup over warmup_frac of the steps, then linear decay to 0".into(),
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), TrainError> {
+        let bad = |msg: &str| Err(TrainError::Setting(msg.to_string()));
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1");
+        }
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.warmup_frac) {
+            return bad("warmup_frac must be in [0, 1)");
+        }
+        if self.limit == Some(0) || self.test_limit == Some(0) {
+            return bad("limit and test_limit must be at least 1");
+        }
+        build_optimizer(&self.optimizer)?;
+        Ok(())
+    }
+}
+
+/// Learning-rate factor at 0-based `step` of `total`: linear warmup to 1 over the first
+/// ceil(warmup_frac * total) steps, then linear decay reaching 0 after the last step.
+/// (Local for now; to be replaced by the library's schedule.)
+pub fn lr_factor(step: usize, total: usize, warmup_frac: f64) -> f64 {
+    let warmup = ((warmup_frac * total as f64).ceil() as usize).min(total);
+    if step < warmup {
+        (step + 1) as f64 / warmup as f64
+    } else {
+        let left = total - warmup;
+        if left == 0 {
+            return 0.0;
+        }
+        (total - step) as f64 / left as f64
+    }
+}
+
+/// One line of `epochs.csv`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRow {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub test_loss: f64,
+    pub wall_s: f64,
+}
+
+/// State of a ChaCha8 stream, restorable exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RngState {
+    seed: Vec<u8>,
+    stream: u64,
+    /// u128 as a decimal string (JSON numbers are not safe for it).
+    word_pos: String,
+}
+
+impl RngState {
+    fn of(rng: &ChaCha8Rng) -> Self {
+        RngState {
+            seed: rng.get_seed().to_vec(),
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos().to_string(),
+        }
+    }
+
+    fn restore(&self) -> Option<ChaCha8Rng> {
+        let seed: [u8; 32] = self.seed.as_slice().try_into().ok()?;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_stream(self.stream);
+        rng.set_word_pos(self.word_pos.parse().ok()?);
+        Some(rng)
+    }
+}
+
+/// Where a run stands; saved in the checkpoint next to the model and optimizer records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Progress {
+    config: TrainConfig,
+    epochs_done: usize,
+    /// Optimizer steps done in all.
+    step: usize,
+    /// Steps done in the unfinished epoch `epochs_done + 1`.
+    step_in_epoch: usize,
+    /// Shuffling RNG at the start of epoch `epochs_done + 1` (before its shuffle).
+    epoch_rng: RngState,
+    /// Sum of the batch losses of the unfinished epoch.
+    epoch_loss_sum: f64,
+    rows: Vec<EpochRow>,
+    first_batch_loss: Option<f64>,
+    fwd_bwd_s: Vec<f64>,
+    opt_step_s: Vec<f64>,
+    /// Training wall time so far (all invocations).
+    wall_s: f64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    Completed,
+    StopAfter,
+    Interrupted,
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub optimizer: String,
+    pub config: TrainConfig,
+    pub ending: Ending,
+    pub complete: bool,
+    pub epochs: usize,
+    pub steps: usize,
+    pub param_count: usize,
+    pub first_batch_loss: Option<f64>,
+    pub final_train_loss: Option<f64>,
+    pub final_test_loss: Option<f64>,
+    pub median_step_s: Option<f64>,
+    pub median_fwd_bwd_s: Option<f64>,
+    pub median_opt_step_s: Option<f64>,
+    pub mean_opt_step_s: Option<f64>,
+    pub wall_s: f64,
+    pub optimizer_state_bytes: u64,
+    pub peak_rss_bytes: Option<u64>,
+    pub params_sha256: String,
+    pub machine: Machine,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpu_model: Option<String>,
+    pub threads: usize,
+}
+
+impl Machine {
+    fn detect() -> Machine {
+        let cpu_model = fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        });
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Machine { cpu_model, threads }
+    }
+}
+
+/// Peak resident set size (VmHWM) of this process.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    Some(if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    })
+}
+
+/// The outcome of [`run`].
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub out: PathBuf,
+    pub summary: Summary,
+    /// The epoch rows (also in `epochs.csv`).
+    #[allow(dead_code)]
+    pub rows: Vec<EpochRow>,
+}
+
+/// Run `precond train autoencoder`. `stop` is polled after every step (Ctrl-C sets it).
+pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<RunResult, TrainError> {
+    let file = match &args.config {
+        Some(path) => TrainSettings::from_toml_file(path)?,
+        None => TrainSettings::default(),
+    };
+    let settings = args.settings.clone().or(file);
+
+    let device = Device::flex().autodiff();
+    let (out, config, model, optim, progress) = match &args.resume {
+        Some(dir) => resume(dir, &settings, &device)?,
+        None => {
+            let config = TrainConfig::from_settings(&settings)?;
+            let out = settings
+                .out
+                .clone()
+                .unwrap_or_else(|| default_out(&config.optimizer.name));
+            if out.join(CHECKPOINT).exists() {
+                return Err(TrainError::Setting(format!(
+                    "{} already holds a run; use --resume {0} or another --out",
+                    out.display()
+                )));
+            }
+            let model = Autoencoder::new(config.seed, &device);
+            let optim = build_optimizer(&config.optimizer)?;
+            let progress = Progress {
+                config: config.clone(),
+                epochs_done: 0,
+                step: 0,
+                step_in_epoch: 0,
+                epoch_rng: RngState::of(&ChaCha8Rng::seed_from_u64(config.seed)),
+                epoch_loss_sum: 0.0,
+                rows: Vec::new(),
+                first_batch_loss: None,
+                fwd_bwd_s: Vec::new(),
+                opt_step_s: Vec::new(),
+                wall_s: 0.0,
+            };
+            (out, config, model, optim, progress)
+        }
+    };
+    fs::create_dir_all(&out).map_err(io_err(&out))?;
+    let data = mnist::load(&config.data, config.limit, config.test_limit)?;
+    let control = Control {
+        save_every: settings.save_every,
+        stop_after: settings.stop_after,
+    };
+    train_loop(
+        &out, config, model, optim, progress, &data, &device, control, stop,
+    )
+}
+
+struct Control {
+    save_every: Option<usize>,
+    stop_after: Option<usize>,
+}
+
+type Resumed = (PathBuf, TrainConfig, Autoencoder, ModuleOptimizer, Progress);
+
+fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resumed, TrainError> {
+    let path = dir.join(CHECKPOINT);
+    if !path.is_file() {
+        return Err(TrainError::Checkpoint {
+            path,
+            msg: "not found (is this a run directory?)".into(),
+        });
+    }
+    let (progress, model_bytes, optim_bytes) = read_checkpoint(&path)?;
+    let saved = progress.config.clone();
+    if let Some(out) = &settings.out {
+        if out != dir {
+            return Err(TrainError::Setting(
+                "--out cannot be combined with --resume (the run continues in its directory)"
+                    .into(),
+            ));
+        }
+    }
+    // Hyperparameters come from the checkpoint; any setting given must agree with it.
+    let given = TrainSettings {
+        data: None,
+        out: None,
+        save_every: None,
+        stop_after: None,
+        ..settings.clone()
+    };
+    if given != TrainSettings::default() {
+        let saved_settings = TrainSettings {
+            optimizer: Some(saved.optimizer.name.clone()),
+            lr: Some(saved.optimizer.lr),
+            beta1: Some(saved.optimizer.beta1),
+            beta2: Some(saved.optimizer.beta2),
+            eps: Some(saved.optimizer.eps),
+            weight_decay: Some(saved.optimizer.weight_decay),
+            batch_size: Some(saved.batch_size),
+            epochs: Some(saved.epochs),
+            warmup_frac: Some(saved.warmup_frac),
+            seed: Some(saved.seed),
+            limit: saved.limit,
+            test_limit: saved.test_limit,
+            ..TrainSettings::default()
+        };
+        if given.clone().or(saved_settings.clone()) != saved_settings {
+            return Err(TrainError::Setting(format!(
+                "--resume {}: settings differ from the checkpoint's; a resumed run keeps its \
+                 hyperparameters (only --data, --save-every and --stop-after may be given)",
+                dir.display()
+            )));
+        }
+    }
+    let mut config = saved;
+    if let Some(data) = &settings.data {
+        config.data = data.clone();
+    }
+    let ckpt_err = |msg: String| TrainError::Checkpoint {
+        path: path.clone(),
+        msg,
+    };
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(model_bytes))
+        .map_err(|e| ckpt_err(format!("model record: {e}")))?;
+    let model = Autoencoder::new(config.seed, device)
+        .try_load_record(record)
+        .map_err(|e| ckpt_err(format!("model record: {e}")))?;
+    let optim = build_optimizer(&config.optimizer)?
+        .from_bytes(Bytes::from_bytes_vec(optim_bytes))
+        .map_err(|e| ckpt_err(format!("optimizer record: {e}")))?;
+    Ok((dir.to_path_buf(), config, model, optim, progress))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_loop(
+    out: &Path,
+    config: TrainConfig,
+    mut model: Autoencoder,
+    mut optim: ModuleOptimizer,
+    mut p: Progress,
+    data: &mnist::Mnist,
+    device: &Device,
+    control: Control,
+    stop: &AtomicBool,
+) -> Result<RunResult, TrainError> {
+    let train = &data.train;
+    let n = train.n;
+    let bs = config.batch_size;
+    let steps_per_epoch = n.div_ceil(bs);
+    let total_steps = steps_per_epoch * config.epochs;
+    let ckpt_path = out.join(CHECKPOINT);
+    let mut rng = p
+        .epoch_rng
+        .restore()
+        .ok_or_else(|| TrainError::Checkpoint {
+            path: ckpt_path.clone(),
+            msg: "bad RNG state".into(),
+        })?;
+    let session = Instant::now();
+    let wall_base = p.wall_s;
+    let epochs_at_start = p.epochs_done;
+    let mut ending = Ending::Completed;
+    eprintln!(
+        "training {} on {} images ({} test), batch {bs}, {} epochs ({} steps/epoch) -> {}",
+        config.optimizer.name,
+        n,
+        data.test.n,
+        config.epochs,
+        steps_per_epoch,
+        out.display()
+    );
+
+    'epochs: while p.epochs_done < config.epochs {
+        let epoch_rng = RngState::of(&rng);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rng);
+        while p.step_in_epoch < steps_per_epoch {
+            let lo = p.step_in_epoch * bs;
+            let idx = &order[lo..(lo + bs).min(n)];
+            let batch = gather(train, idx, device);
+
+            let t0 = Instant::now();
+            let logits = model.forward(batch.clone());
+            let loss = sigmoid_cross_entropy(logits, batch);
+            let grads = loss.backward();
+            let loss_value = f64::from(loss.into_scalar::<f32>());
+            sync(device);
+            let t1 = Instant::now();
+            let grads = GradientsParams::from_grads(grads, &model);
+            let lr = config.optimizer.lr * lr_factor(p.step, total_steps, config.warmup_frac);
+            model = optim.step(lr, model, grads);
+            sync(device);
+            let t2 = Instant::now();
+
+            p.fwd_bwd_s.push((t1 - t0).as_secs_f64());
+            p.opt_step_s.push((t2 - t1).as_secs_f64());
+            p.first_batch_loss.get_or_insert(loss_value);
+            p.epoch_loss_sum += loss_value;
+            p.step += 1;
+            p.step_in_epoch += 1;
+            if stop.load(Ordering::SeqCst) && p.step_in_epoch < steps_per_epoch {
+                p.epoch_rng = epoch_rng;
+                ending = Ending::Interrupted;
+                break 'epochs;
+            }
+        }
+        let train_loss = p.epoch_loss_sum / steps_per_epoch as f64;
+        let test_loss = eval_loss(&model, &data.test, bs);
+        p.epochs_done += 1;
+        p.step_in_epoch = 0;
+        p.epoch_loss_sum = 0.0;
+        p.epoch_rng = RngState::of(&rng);
+        p.wall_s = wall_base + session.elapsed().as_secs_f64();
+        p.rows.push(EpochRow {
+            epoch: p.epochs_done,
+            train_loss,
+            test_loss,
+            wall_s: p.wall_s,
+        });
+        write_csv(out, &p.rows)?;
+        progress_line(&p, &config, steps_per_epoch, epochs_at_start, &session);
+
+        if stop.load(Ordering::SeqCst) {
+            ending = Ending::Interrupted;
+            break;
+        }
+        let this_run = p.epochs_done - epochs_at_start;
+        if p.epochs_done < config.epochs && control.stop_after == Some(this_run) {
+            ending = Ending::StopAfter;
+            break;
+        }
+        if let Some(every) = control.save_every {
+            if every > 0 && p.epochs_done % every == 0 && p.epochs_done < config.epochs {
+                write_checkpoint(&ckpt_path, &p, &model, &optim)?;
+            }
+        }
+    }
+    p.wall_s = wall_base + session.elapsed().as_secs_f64();
+    write_checkpoint(&ckpt_path, &p, &model, &optim)?;
+    write_csv(out, &p.rows)?;
+
+    let steps: Vec<f64> = p
+        .fwd_bwd_s
+        .iter()
+        .zip(&p.opt_step_s)
+        .map(|(a, b)| a + b)
+        .collect();
+    let last = p.rows.last();
+    let summary = Summary {
+        optimizer: config.optimizer.name.clone(),
+        config: config.clone(),
+        ending,
+        complete: p.epochs_done == config.epochs,
+        epochs: p.epochs_done,
+        steps: p.step,
+        param_count: model.num_params(),
+        first_batch_loss: p.first_batch_loss,
+        final_train_loss: last.map(|r| r.train_loss),
+        final_test_loss: last.map(|r| r.test_loss),
+        median_step_s: median(&steps),
+        median_fwd_bwd_s: median(&p.fwd_bwd_s),
+        median_opt_step_s: median(&p.opt_step_s),
+        mean_opt_step_s: (!p.opt_step_s.is_empty())
+            .then(|| p.opt_step_s.iter().sum::<f64>() / p.opt_step_s.len() as f64),
+        wall_s: p.wall_s,
+        optimizer_state_bytes: optimizer_state_bytes(&config.optimizer.name, &model),
+        peak_rss_bytes: peak_rss_bytes(),
+        params_sha256: model.params_sha256(),
+        machine: Machine::detect(),
+    };
+    let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    write_atomic(&out.join("summary.json"), json.as_bytes())?;
+    match ending {
+        Ending::Completed => eprintln!("done: {}", out.display()),
+        _ => eprintln!(
+            "stopped after {} epochs ({} steps); continue with --resume {}",
+            p.epochs_done,
+            p.step,
+            out.display()
+        ),
+    }
+    Ok(RunResult {
+        out: out.to_path_buf(),
+        summary,
+        rows: p.rows,
+    })
+}
+
+fn sync(device: &Device) {
+    // The Flex backend is eager; sync anyway so timings stay honest on any backend. An error
+    // here would surface on the next read of a tensor.
+    let _ = device.sync();
+}
+
+/// The examples `idx` of `split` as a `[len, 784]` tensor.
+fn gather(split: &Split, idx: &[usize], device: &Device) -> Tensor<2> {
+    let mut buf = Vec::with_capacity(idx.len() * PIXELS);
+    for &i in idx {
+        buf.extend_from_slice(split.image(i));
+    }
+    Tensor::from_data(TensorData::new(buf, [idx.len(), PIXELS]), device)
+}
+
+/// Mean loss over `split`, in batches of `bs`, without autodiff.
+pub fn eval_loss(model: &Autoencoder, split: &Split, bs: usize) -> f64 {
+    let model = model.valid();
+    let device = Device::flex();
+    let idx: Vec<usize> = (0..split.n).collect();
+    let mut sum = 0.0f64;
+    for chunk in idx.chunks(bs.max(1)) {
+        let batch = gather(split, chunk, &device);
+        let logits = model.forward(batch.clone());
+        sum += f64::from(sigmoid_cross_entropy_sum(logits, batch).into_scalar::<f32>());
+    }
+    sum / split.n.max(1) as f64
+}
+
+fn progress_line(
+    p: &Progress,
+    config: &TrainConfig,
+    steps_per_epoch: usize,
+    epochs_at_start: usize,
+    session: &Instant,
+) {
+    let Some(row) = p.rows.last() else { return };
+    let recent = p.fwd_bwd_s.len().saturating_sub(steps_per_epoch);
+    let fb = median(&p.fwd_bwd_s[recent..]).unwrap_or(0.0);
+    let os = median(&p.opt_step_s[recent..]).unwrap_or(0.0);
+    let done_here = (p.epochs_done - epochs_at_start).max(1);
+    let per_epoch = session.elapsed().as_secs_f64() / done_here as f64;
+    let eta = per_epoch * (config.epochs - p.epochs_done) as f64;
+    eprintln!(
+        "epoch {}/{}  train {:.4}  test {:.4}  step {:.3}s (fwd+bwd {:.3}s, opt {:.3}s)  elapsed {}  ETA {}",
+        row.epoch,
+        config.epochs,
+        row.train_loss,
+        row.test_loss,
+        fb + os,
+        fb,
+        os,
+        hms(row.wall_s),
+        hms(eta)
+    );
+}
+
+fn hms(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn write_csv(out: &Path, rows: &[EpochRow]) -> Result<(), TrainError> {
+    let mut text = String::from("epoch,train_loss,test_loss,wall_s\n");
+    for r in rows {
+        text.push_str(&format!(
+            "{},{},{},{:.3}\n",
+            r.epoch, r.train_loss, r.test_loss, r.wall_s
+        ));
+    }
+    write_atomic(&out.join("epochs.csv"), text.as_bytes())
+}
+
+/// Write `path` by writing a temporary file next to it and renaming it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(bytes).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Checkpoint layout: magic, then three length-prefixed (u64 LE) sections: progress JSON, the
+/// model record (burnpack bytes of `ModuleRecord`), the optimizer record (burnpack bytes of
+/// `ModuleOptimizer::to_record`).
+fn write_checkpoint(
+    path: &Path,
+    p: &Progress,
+    model: &Autoencoder,
+    optim: &ModuleOptimizer,
+) -> Result<(), TrainError> {
+    let ckpt_err = |msg: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let json = serde_json::to_vec(p).map_err(|e| ckpt_err(e.to_string()))?;
+    let model_bytes = model
+        .clone()
+        .into_record()
+        .into_bytes()
+        .map_err(|e| ckpt_err(format!("model record: {e}")))?;
+    let optim_bytes = optim
+        .to_record()
+        .into_bytes()
+        .map_err(|e| ckpt_err(format!("optimizer record: {e}")))?;
+    let mut buf = Vec::with_capacity(64 + json.len() + model_bytes.len() + optim_bytes.len());
+    buf.extend_from_slice(CHECKPOINT_MAGIC);
+    for section in [&json[..], &model_bytes[..], &optim_bytes[..]] {
+        buf.extend_from_slice(&(section.len() as u64).to_le_bytes());
+        buf.extend_from_slice(section);
+    }
+    write_atomic(path, &buf)
+}
+
+fn read_checkpoint(path: &Path) -> Result<(Progress, Vec<u8>, Vec<u8>), TrainError> {
+    let bytes = fs::read(path).map_err(io_err(path))?;
+    let bad = |msg: &str| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        msg: msg.to_string(),
+    };
+    let rest = bytes
+        .strip_prefix(CHECKPOINT_MAGIC)
+        .ok_or_else(|| bad("not a precond checkpoint (bad magic)"))?;
+    let mut sections = Vec::new();
+    let mut at = 0usize;
+    for _ in 0..3 {
+        let len_bytes: [u8; 8] = rest
+            .get(at..at + 8)
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(|| bad("truncated"))?;
+        let len = u64::from_le_bytes(len_bytes) as usize;
+        at += 8;
+        let section = rest
+            .get(at..at.saturating_add(len))
+            .ok_or_else(|| bad("truncated"))?;
+        sections.push(section.to_vec());
+        at += len;
+    }
+    if at != rest.len() {
+        return Err(bad("trailing bytes"));
+    }
+    let progress: Progress =
+        serde_json::from_slice(&sections[0]).map_err(|e| bad(&format!("progress record: {e}")))?;
+    let optim = sections.pop().unwrap_or_default();
+    let model = sections.pop().unwrap_or_default();
+    Ok((progress, model, optim))
+}
+
+/// `runs/<optimizer>-<UTC yyyymmdd-hhmmss>`.
+fn default_out(optimizer: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from("runs").join(format!("{optimizer}-{}", utc_stamp(secs)))
+}
+
+/// `yyyymmdd-hhmmss` (UTC) of a Unix time.
+fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let tod = secs % 86_400;
+    // Civil from days (H. Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        tod / 3600,
+        tod / 60 % 60,
+        tod % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        let total = 100;
+        assert!((lr_factor(0, total, 0.05) - 0.2).abs() < 1e-12);
+        assert!((lr_factor(4, total, 0.05) - 1.0).abs() < 1e-12);
+        assert!((lr_factor(5, total, 0.05) - 1.0).abs() < 1e-12);
+        assert!((lr_factor(99, total, 0.05) - 1.0 / 95.0).abs() < 1e-12);
+        assert!((lr_factor(52, total, 0.05) - 48.0 / 95.0).abs() < 1e-12);
+        assert!((lr_factor(0, 10, 0.0) - 1.0).abs() < 1e-12);
+        let f: Vec<f64> = (0..6000).map(|s| lr_factor(s, 6000, 0.05)).collect();
+        assert!(f.iter().all(|&x| x > 0.0 && x <= 1.0));
+    }
+
+    #[test]
+    fn utc_stamp_formats_known_dates() {
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        assert_eq!(utc_stamp(951_782_400 + 3_661), "20000229-010101");
+        assert_eq!(utc_stamp(1_767_225_599), "20251231-235959");
+    }
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("c.toml");
+        fs::write(&path, "lr = 0.01\nbatch_size = 50\nepochs = 3\n").unwrap();
+        let file = TrainSettings::from_toml_file(&path).unwrap();
+        let flags = TrainSettings {
+            lr: Some(0.5),
+            ..Default::default()
+        };
+        let c = TrainConfig::from_settings(&flags.or(file)).unwrap();
+        assert_eq!(c.optimizer.lr, 0.5);
+        assert_eq!((c.batch_size, c.epochs), (50, 3));
+        assert_eq!(c.optimizer.beta2, 0.999);
+
+        fs::write(&path, "learning_rate = 0.01\n").unwrap();
+        let err = TrainSettings::from_toml_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("learning_rate"), "{err}");
+    }
+
+    #[test]
+    fn defaults_are_the_benchmark() {
+        let c = TrainConfig::from_settings(&TrainSettings::default()).unwrap();
+        assert_eq!((c.batch_size, c.epochs, c.seed), (1000, 100, 0));
+        assert_eq!(c.optimizer.name, "adam");
+        assert_eq!(c.optimizer.lr, 1e-3);
+        assert_eq!(c.warmup_frac, 0.05);
+        assert_eq!(c.data, PathBuf::from(DEFAULT_DATA));
+        let bad = TrainSettings {
+            batch_size: Some(0),
+            ..Default::default()
+        };
+        assert!(TrainConfig::from_settings(&bad).is_err());
+    }
+
+    /// MNIST when present (the real files), else a synthetic fixture written into `tmp`.
+    fn data_dir(tmp: &Path) -> PathBuf {
+        let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mnist");
+        if real.join("train-images-idx3-ubyte.gz").is_file() {
+            return real;
+        }
+        let dir = tmp.join("mnist");
+        mnist::write_fixture(&dir, 2000, 500, true).unwrap();
+        dir
+    }
+
+    fn settings(tmp: &Path, out: &str, limit: usize, bs: usize, epochs: usize) -> TrainSettings {
+        TrainSettings {
+            data: Some(data_dir(tmp)),
+            out: Some(tmp.join(out)),
+            limit: Some(limit),
+            test_limit: Some(200),
+            batch_size: Some(bs),
+            epochs: Some(epochs),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn one_epoch_of_adam_lowers_the_training_loss() {
+        let tmp = tempfile::tempdir().unwrap();
+        let args = TrainArgs {
+            settings: settings(tmp.path(), "run", 2000, 200, 1),
+            ..Default::default()
+        };
+        let r = run(&args, &AtomicBool::new(false)).unwrap();
+        let first = r.summary.first_batch_loss.unwrap();
+        let mean = r.summary.final_train_loss.unwrap();
+        assert_eq!(r.summary.steps, 10);
+        assert!(first > 400.0, "initial loss {first}");
+        assert!(mean < first, "epoch mean {mean} vs first batch {first}");
+        assert!(r.summary.complete);
+        let csv = fs::read_to_string(r.out.join("epochs.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 2);
+        let json: serde_json::Value =
+            serde_json::from_slice(&fs::read(r.out.join("summary.json")).unwrap()).unwrap();
+        for key in [
+            "optimizer",
+            "config",
+            "epochs",
+            "final_train_loss",
+            "final_test_loss",
+            "median_step_s",
+            "median_fwd_bwd_s",
+            "median_opt_step_s",
+            "mean_opt_step_s",
+            "optimizer_state_bytes",
+            "peak_rss_bytes",
+            "params_sha256",
+            "machine",
+        ] {
+            assert!(!json[key].is_null(), "{key} missing");
+        }
+        assert_eq!(json["optimizer_state_bytes"], 2 * 2_837_314 * 4);
+        assert!(r.out.join(CHECKPOINT).is_file());
+    }
+
+    #[test]
+    fn stop_and_resume_is_bitwise_identical_to_a_straight_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let no_stop = AtomicBool::new(false);
+        let straight = run(
+            &TrainArgs {
+                settings: settings(tmp.path(), "straight", 512, 128, 2),
+                ..Default::default()
+            },
+            &no_stop,
+        )
+        .unwrap();
+
+        let mut first = settings(tmp.path(), "split", 512, 128, 2);
+        first.stop_after = Some(1);
+        let part = run(
+            &TrainArgs {
+                settings: first,
+                ..Default::default()
+            },
+            &no_stop,
+        )
+        .unwrap();
+        assert_eq!(part.summary.ending, Ending::StopAfter);
+        assert_eq!(part.summary.epochs, 1);
+        assert!(!part.summary.complete);
+
+        // A resumed run refuses changed hyperparameters.
+        let changed = TrainArgs {
+            settings: TrainSettings {
+                lr: Some(0.5),
+                ..Default::default()
+            },
+            resume: Some(part.out.clone()),
+            ..Default::default()
+        };
+        let err = run(&changed, &no_stop).unwrap_err().to_string();
+        assert!(err.contains("settings differ"), "{err}");
+
+        let resumed = run(
+            &TrainArgs {
+                resume: Some(part.out.clone()),
+                ..Default::default()
+            },
+            &no_stop,
+        )
+        .unwrap();
+        assert!(resumed.summary.complete);
+        assert_eq!(resumed.summary.steps, straight.summary.steps);
+        assert_eq!(
+            resumed.summary.params_sha256,
+            straight.summary.params_sha256
+        );
+        let losses = |r: &RunResult| -> Vec<(f64, f64)> {
+            r.rows.iter().map(|r| (r.train_loss, r.test_loss)).collect()
+        };
+        assert_eq!(losses(&resumed), losses(&straight));
+    }
+
+    #[test]
+    fn interrupt_mid_epoch_then_resume_matches_a_straight_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let straight = run(
+            &TrainArgs {
+                settings: settings(tmp.path(), "straight", 256, 64, 1),
+                ..Default::default()
+            },
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        // The flag is already set: the run ends after its first step.
+        let part = run(
+            &TrainArgs {
+                settings: settings(tmp.path(), "split", 256, 64, 1),
+                ..Default::default()
+            },
+            &AtomicBool::new(true),
+        )
+        .unwrap();
+        assert_eq!(part.summary.ending, Ending::Interrupted);
+        assert_eq!((part.summary.steps, part.summary.epochs), (1, 0));
+        assert!(part.out.join("summary.json").is_file());
+        let resumed = run(
+            &TrainArgs {
+                resume: Some(part.out.clone()),
+                ..Default::default()
+            },
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(
+            resumed.summary.params_sha256,
+            straight.summary.params_sha256
+        );
+        assert_eq!(resumed.rows, {
+            let mut rows = straight.rows.clone();
+            rows[0].wall_s = resumed.rows[0].wall_s;
+            rows
+        });
+    }
+
+    #[test]
+    fn checkpoint_errors_are_clear() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(CHECKPOINT), b"garbage").unwrap();
+        let args = TrainArgs {
+            resume: Some(dir.clone()),
+            ..Default::default()
+        };
+        let err = run(&args, &AtomicBool::new(false)).unwrap_err().to_string();
+        assert!(
+            err.ends_with("not a precond checkpoint (bad magic)"),
+            "{err}"
+        );
+        let args = TrainArgs {
+            resume: Some(tmp.path().join("nope")),
+            ..Default::default()
+        };
+        let err = run(&args, &AtomicBool::new(false)).unwrap_err().to_string();
+        assert!(err.contains("checkpoint.bin"), "{err}");
+    }
+}
