@@ -17,17 +17,27 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let d_in = args.first().copied().unwrap_or(1000);
     let d_out = args.get(1).copied().unwrap_or(784);
     let rank = args.get(2).copied().unwrap_or(32);
     let reps = args.get(3).copied().unwrap_or(20);
     let warmup = 3;
     let grads: Vec<Mat<f32>> = (0..reps + warmup)
-        .map(|t| Mat::from_fn(d_in, d_out, |i, j| (((i * 31 + j * 17 + t * 7) % 97) as f32 - 48.0) * 1e-3))
+        .map(|t| {
+            Mat::from_fn(d_in, d_out, |i, j| {
+                (((i * 31 + j * 17 + t * 7) % 97) as f32 - 48.0) * 1e-3
+            })
+        })
         .collect();
 
-    let cfg = SharedBasisConfig { rank, ..Default::default() };
+    let cfg = SharedBasisConfig {
+        rank,
+        ..Default::default()
+    };
     let mut state = SharedBasis::<f32>::new(cfg.clone(), d_in, d_out).expect("config");
     let mut dir = Mat::<f32>::zeros(d_in, d_out);
     let mut precond_times = Vec::new();
@@ -39,12 +49,20 @@ fn main() {
         }
     }
 
-    let opt_cfg = OptimizerConfig { method: precond::Method::SharedBasis(cfg), ..Default::default() };
+    let opt_cfg = OptimizerConfig {
+        method: precond::Method::SharedBasis(cfg),
+        ..Default::default()
+    };
     let mut param_opt = ParamOptimizer::new(&opt_cfg, &[d_in, d_out], None, false).expect("config");
     let mut param = vec![0.01f32; d_in * d_out];
     let flat: Vec<Vec<f32>> = grads
         .iter()
-        .map(|g| (0..d_in).flat_map(|i| (0..d_out).map(move |j| (i, j))).map(|(i, j)| g[(i, j)]).collect())
+        .map(|g| {
+            (0..d_in)
+                .flat_map(|i| (0..d_out).map(move |j| (i, j)))
+                .map(|(i, j)| g[(i, j)])
+                .collect()
+        })
         .collect();
     let mut full_times = Vec::new();
     for (t, g) in flat.iter().enumerate() {
@@ -56,7 +74,9 @@ fn main() {
     }
 
     let device = Device::flex().autodiff();
-    let mut model: Linear = LinearConfig::new(d_in, d_out).with_bias(false).init(&device);
+    let mut model: Linear = LinearConfig::new(d_in, d_out)
+        .with_bias(false)
+        .init(&device);
     let mut adam: ModuleOptimizer = AdamConfig::new().init();
     let mut adam_times = Vec::new();
     for t in 0..reps + warmup {
@@ -70,7 +90,11 @@ fn main() {
             adam_times.push(start.elapsed().as_secs_f64());
         }
     }
-    let (p, f, a) = (median(precond_times), median(full_times), median(adam_times));
+    let (p, f, a) = (
+        median(precond_times),
+        median(full_times),
+        median(adam_times),
+    );
     println!(
         "layer ({d_in}, {d_out}) rank {rank}, {reps} reps, {} threads: shared-basis precondition {:.2} ms, full ParamOptimizer step {:.2} ms, burn Adam step {:.2} ms (ratio {:.2}x)",
         rayon::current_num_threads(),

@@ -632,7 +632,11 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         let (k, kr) = (self.k, self.k + self.extra);
         let e = self.wide_coef.col(i);
         let nu = self.outside[i];
-        let ex = e.iter().zip(&x[..kr]).fold(T::zero(), |acc, (&a, &b)| acc + a * b) + nu * x[kr];
+        let ex = e
+            .iter()
+            .zip(&x[..kr])
+            .fold(T::zero(), |acc, (&a, &b)| acc + a * b)
+            + nu * x[kr];
         // y_top = −R_new x_top; the rest starts at zero.
         {
             let (top, rest) = y.split_at_mut(k);
@@ -643,7 +647,14 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         if self.has_basis {
             // y_{:k+r} += L (β2 R_old (Lᵀ x_{:k+r})).
             let u = MatMut::from_column_major_slice_mut(sc_u, k, 1);
-            gemm(u, false, self.lift.transpose(), col(&x[..kr]), T::one(), Par::Seq);
+            gemm(
+                u,
+                false,
+                self.lift.transpose(),
+                col(&x[..kr]),
+                T::one(),
+                Par::Seq,
+            );
             let v = MatMut::from_column_major_slice_mut(sc_v, k, 1);
             gemm(v, false, r_old, col(sc_u), self.decay, Par::Seq);
             let head = MatMut::from_column_major_slice_mut(&mut y[..kr], kr, 1);
