@@ -1,6 +1,7 @@
 //! `precond`: the command line of the precond project (benchmarks, replay, reports).
 
 mod autoencoder;
+mod compare;
 mod mnist;
 mod optimizers;
 mod replay;
@@ -31,12 +32,21 @@ enum Command {
     /// Train a benchmark model
     #[command(subcommand)]
     Train(TrainTask),
+    /// Train a benchmark with several optimizers, then report them together (the main job)
+    #[command(subcommand)]
+    Compare(CompareTask),
     /// Markdown table (as the paper's Table 2) and loss plots of run directories
     Report(report::ReportArgs),
     /// Replay a (T, b, m) gradient .npy through a preconditioner; saves the raw directions u_t
     /// (θ_{t+1} = θ_t + lr·u_t)
     #[command(long_about = replay::LONG_ABOUT)]
     Replay(replay::ReplayArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum CompareTask {
+    /// The MNIST autoencoder with each optimizer at its preset; report.md and plots in --out
+    Autoencoder(compare::CompareArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +75,18 @@ fn main() -> ExitCode {
                     match r.summary.ending {
                         train::Ending::Interrupted => ExitCode::from(130),
                         _ => ExitCode::SUCCESS,
+                    }
+                })
+                .map_err(Into::into)
+        }
+        Command::Compare(CompareTask::Autoencoder(args)) => {
+            let stop = interrupt_flag();
+            compare::run(&args, &stop)
+                .map(|done| {
+                    if done {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(130)
                     }
                 })
                 .map_err(Into::into)

@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::optim::GradientsParams;
 use burn::store::ModuleRecord;
 use burn::tensor::{Bytes, Device, Tensor, TensorData};
+use precond::Schedule;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -22,9 +23,7 @@ use thiserror::Error;
 
 use crate::autoencoder::{sigmoid_cross_entropy, sigmoid_cross_entropy_sum, Autoencoder};
 use crate::mnist::{self, MnistError, Split, PIXELS};
-use crate::optimizers::{
-    build_optimizer, default_lr, optimizer_state_bytes, OptimizerError, OptimizerHparams,
-};
+use crate::optimizers::{build_optimizer, BuiltOptimizer, OptimizerError, OptimizerHparams};
 
 /// Default data directory (relative to the working directory).
 pub const DEFAULT_DATA: &str = "../shared/data/mnist";
@@ -70,24 +69,47 @@ pub struct TrainSettings {
     /// Run directory [default: runs/<optimizer>-<UTC timestamp>]
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Optimizer: adam [default: adam]
+    /// Optimizer: adam, shared-basis [default: adam]
     #[arg(long)]
     pub optimizer: Option<String>,
-    /// Peak learning rate [default for adam: 1e-3, untuned]
+    /// Peak learning rate [default: the preset's, see README]
     #[arg(long)]
     pub lr: Option<f64>,
-    /// First-moment decay [default: 0.9]
+    /// adam: first-moment decay; shared-basis: momentum [default: 0.9]
     #[arg(long)]
     pub beta1: Option<f64>,
-    /// Second-moment decay [default: 0.999]
+    /// adam: second-moment decay [default: 0.999]; shared-basis: statistics decay [default: 1,
+    /// the plain sum of Algorithm 1]
     #[arg(long)]
     pub beta2: Option<f64>,
-    /// Denominator epsilon [default: 1e-8]
+    /// adam: denominator epsilon [default: 1e-8]; shared-basis: epsilon of eq. 6 [default: 1e-6]
     #[arg(long)]
     pub eps: Option<f64>,
-    /// Weight decay (for adam: coupled L2 penalty) [default: 0]
+    /// Weight decay, coupled (adam: L2 penalty on the gradient) [default: 0]
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// shared-basis: rank k of the basis [default: 32]
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// shared-basis: oversampling p of the randomized SVD [default: 0]
+    #[arg(long)]
+    pub oversample: Option<usize>,
+    /// shared-basis: power iterations of the randomized SVD [default: 1]
+    #[arg(long)]
+    pub power_iters: Option<usize>,
+    /// shared-basis: power iterations estimating the lost mass rho (0 = exact) [default: 10]
+    #[arg(long)]
+    pub rho_iters: Option<usize>,
+    /// shared-basis: grafting: none, sgd, adagrad, rmsprop, rmsprop-normalized, adam
+    /// [default: rmsprop-normalized]
+    #[arg(long)]
+    pub graft: Option<String>,
+    /// shared-basis: Nesterov momentum [default: true]
+    #[arg(long)]
+    pub nesterov: Option<bool>,
+    /// shared-basis: first step (1-based) of preconditioning; grafting alone before [default: 1]
+    #[arg(long)]
+    pub start_step: Option<u64>,
     /// Examples per step [default: 1000]
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -126,6 +148,13 @@ impl TrainSettings {
             beta2: self.beta2.or(other.beta2),
             eps: self.eps.or(other.eps),
             weight_decay: self.weight_decay.or(other.weight_decay),
+            rank: self.rank.or(other.rank),
+            oversample: self.oversample.or(other.oversample),
+            power_iters: self.power_iters.or(other.power_iters),
+            rho_iters: self.rho_iters.or(other.rho_iters),
+            graft: self.graft.or(other.graft),
+            nesterov: self.nesterov.or(other.nesterov),
+            start_step: self.start_step.or(other.start_step),
             batch_size: self.batch_size.or(other.batch_size),
             epochs: self.epochs.or(other.epochs),
             warmup_frac: self.warmup_frac.or(other.warmup_frac),
@@ -181,19 +210,50 @@ impl TrainConfig {
     /// Resolve settings into a config, with defaults for what is unset.
     pub fn from_settings(s: &TrainSettings) -> Result<TrainConfig, TrainError> {
         let name = s.optimizer.clone().unwrap_or_else(|| "adam".to_string());
-        let lr = match s.lr {
-            Some(lr) => lr,
-            None => default_lr(&name)?,
-        };
+        let mut optimizer = OptimizerHparams::preset(&name)?;
+        if let Some(v) = s.lr {
+            optimizer.lr = v;
+        }
+        if let Some(v) = s.beta1 {
+            optimizer.beta1 = v;
+        }
+        if let Some(v) = s.beta2 {
+            optimizer.beta2 = v;
+        }
+        if let Some(v) = s.eps {
+            optimizer.eps = v;
+        }
+        if let Some(v) = s.weight_decay {
+            optimizer.weight_decay = v;
+        }
+        match optimizer.shared_basis.as_mut() {
+            Some(sb) => {
+                sb.rank = s.rank.unwrap_or(sb.rank);
+                sb.oversample = s.oversample.unwrap_or(sb.oversample);
+                sb.power_iters = s.power_iters.unwrap_or(sb.power_iters);
+                sb.rho_iters = s.rho_iters.unwrap_or(sb.rho_iters);
+                sb.graft = s.graft.clone().unwrap_or(sb.graft.clone());
+                sb.nesterov = s.nesterov.unwrap_or(sb.nesterov);
+                sb.start_step = s.start_step.unwrap_or(sb.start_step);
+                sb.seed = s.seed.unwrap_or(0);
+            }
+            None => {
+                let given = [
+                    ("rank", s.rank.is_some()),
+                    ("oversample", s.oversample.is_some()),
+                    ("power-iters", s.power_iters.is_some()),
+                    ("rho-iters", s.rho_iters.is_some()),
+                    ("graft", s.graft.is_some()),
+                    ("nesterov", s.nesterov.is_some()),
+                    ("start-step", s.start_step.is_some()),
+                ];
+                if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+                    return Err(OptimizerError::NotApplicable(flag).into());
+                }
+            }
+        }
         let config = TrainConfig {
-            optimizer: OptimizerHparams {
-                name,
-                lr,
-                beta1: s.beta1.unwrap_or(0.9),
-                beta2: s.beta2.unwrap_or(0.999),
-                eps: s.eps.unwrap_or(1e-8),
-                weight_decay: s.weight_decay.unwrap_or(0.0),
-            },
+            optimizer,
             batch_size: s.batch_size.unwrap_or(1000),
             epochs: s.epochs.unwrap_or(100),
             warmup_frac: s.warmup_frac.unwrap_or(0.05),
@@ -232,19 +292,16 @@ impl TrainConfig {
     }
 }
 
-/// Learning-rate factor at 0-based `step` of `total`: linear warmup to 1 over the first
-/// ceil(warmup_frac * total) steps, then linear decay reaching 0 after the last step.
-/// (Local for now; to be replaced by the library's schedule.)
-pub fn lr_factor(step: usize, total: usize, warmup_frac: f64) -> f64 {
-    let warmup = ((warmup_frac * total as f64).ceil() as usize).min(total);
-    if step < warmup {
-        (step + 1) as f64 / warmup as f64
-    } else {
-        let left = total - warmup;
-        if left == 0 {
-            return 0.0;
-        }
-        (total - step) as f64 / left as f64
+/// The learning-rate schedule of a run of `total` steps (the library's
+/// [`Schedule::WarmupLinearDecay`], evaluated at the 1-based step): linear warmup to 1 over the
+/// first ceil(warmup_frac · total) steps, then linear decay that would reach 0 one step after the
+/// last (so that the last step is not wasted at rate 0).
+pub fn lr_schedule(total: usize, warmup_frac: f64) -> Schedule {
+    let total = total as u64;
+    let warmup = ((warmup_frac * total as f64).ceil() as u64).min(total);
+    Schedule::WarmupLinearDecay {
+        warmup_steps: warmup,
+        total_steps: total + 1,
     }
 }
 
@@ -446,7 +503,7 @@ struct Control {
     stop_after: Option<usize>,
 }
 
-type Resumed = (PathBuf, TrainConfig, Autoencoder, ModuleOptimizer, Progress);
+type Resumed = (PathBuf, TrainConfig, Autoencoder, BuiltOptimizer, Progress);
 
 fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resumed, TrainError> {
     let path = dir.join(CHECKPOINT);
@@ -475,6 +532,7 @@ fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resum
         ..settings.clone()
     };
     if given != TrainSettings::default() {
+        let sb = saved.optimizer.shared_basis.as_ref();
         let saved_settings = TrainSettings {
             optimizer: Some(saved.optimizer.name.clone()),
             lr: Some(saved.optimizer.lr),
@@ -482,6 +540,13 @@ fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resum
             beta2: Some(saved.optimizer.beta2),
             eps: Some(saved.optimizer.eps),
             weight_decay: Some(saved.optimizer.weight_decay),
+            rank: sb.map(|h| h.rank),
+            oversample: sb.map(|h| h.oversample),
+            power_iters: sb.map(|h| h.power_iters),
+            rho_iters: sb.map(|h| h.rho_iters),
+            graft: sb.map(|h| h.graft.clone()),
+            nesterov: sb.map(|h| h.nesterov),
+            start_step: sb.map(|h| h.start_step),
             batch_size: Some(saved.batch_size),
             epochs: Some(saved.epochs),
             warmup_frac: Some(saved.warmup_frac),
@@ -511,7 +576,9 @@ fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resum
     let model = Autoencoder::new(config.seed, device)
         .try_load_record(record)
         .map_err(|e| ckpt_err(format!("model record: {e}")))?;
-    let optim = build_optimizer(&config.optimizer)?
+    let mut optim = build_optimizer(&config.optimizer)?;
+    optim.optim = optim
+        .optim
         .from_bytes(Bytes::from_bytes_vec(optim_bytes))
         .map_err(|e| ckpt_err(format!("optimizer record: {e}")))?;
     Ok((dir.to_path_buf(), config, model, optim, progress))
@@ -522,7 +589,7 @@ fn train_loop(
     out: &Path,
     config: TrainConfig,
     mut model: Autoencoder,
-    mut optim: ModuleOptimizer,
+    mut optim: BuiltOptimizer,
     mut p: Progress,
     data: &mnist::Mnist,
     device: &Device,
@@ -533,7 +600,7 @@ fn train_loop(
     let n = train.n;
     let bs = config.batch_size;
     let steps_per_epoch = n.div_ceil(bs);
-    let total_steps = steps_per_epoch * config.epochs;
+    let schedule = lr_schedule(steps_per_epoch * config.epochs, config.warmup_frac);
     let ckpt_path = out.join(CHECKPOINT);
     let mut rng = p
         .epoch_rng
@@ -573,8 +640,14 @@ fn train_loop(
             sync(device);
             let t1 = Instant::now();
             let grads = GradientsParams::from_grads(grads, &model);
-            let lr = config.optimizer.lr * lr_factor(p.step, total_steps, config.warmup_frac);
-            model = optim.step(lr, model, grads);
+            let lr = schedule.lr(config.optimizer.lr, p.step as u64 + 1);
+            model = optim.optim.step(lr, model, grads);
+            if let Some(e) = optim.take_last_error() {
+                eprintln!(
+                    "warning: step {}: a parameter was not updated: {e}",
+                    p.step + 1
+                );
+            }
             sync(device);
             let t2 = Instant::now();
 
@@ -617,12 +690,12 @@ fn train_loop(
         }
         if let Some(every) = control.save_every {
             if every > 0 && p.epochs_done % every == 0 && p.epochs_done < config.epochs {
-                write_checkpoint(&ckpt_path, &p, &model, &optim)?;
+                write_checkpoint(&ckpt_path, &p, &model, &optim.optim)?;
             }
         }
     }
     p.wall_s = wall_base + session.elapsed().as_secs_f64();
-    write_checkpoint(&ckpt_path, &p, &model, &optim)?;
+    write_checkpoint(&ckpt_path, &p, &model, &optim.optim)?;
     write_csv(out, &p.rows)?;
 
     let steps: Vec<f64> = p
@@ -649,7 +722,7 @@ fn train_loop(
         mean_opt_step_s: (!p.opt_step_s.is_empty())
             .then(|| p.opt_step_s.iter().sum::<f64>() / p.opt_step_s.len() as f64),
         wall_s: p.wall_s,
-        optimizer_state_bytes: optimizer_state_bytes(&config.optimizer.name, &model),
+        optimizer_state_bytes: optim.state_bytes(&model),
         peak_rss_bytes: peak_rss_bytes(),
         params_sha256: model.params_sha256(),
         machine: Machine::detect(),
@@ -764,7 +837,7 @@ fn write_checkpoint(
     path: &Path,
     p: &Progress,
     model: &Autoencoder,
-    optim: &ModuleOptimizer,
+    optim: &burn::optim::ModuleOptimizer,
 ) -> Result<(), TrainError> {
     let ckpt_err = |msg: String| TrainError::Checkpoint {
         path: path.to_path_buf(),
@@ -860,14 +933,19 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {
-        let total = 100;
-        assert!((lr_factor(0, total, 0.05) - 0.2).abs() < 1e-12);
-        assert!((lr_factor(4, total, 0.05) - 1.0).abs() < 1e-12);
-        assert!((lr_factor(5, total, 0.05) - 1.0).abs() < 1e-12);
-        assert!((lr_factor(99, total, 0.05) - 1.0 / 95.0).abs() < 1e-12);
-        assert!((lr_factor(52, total, 0.05) - 48.0 / 95.0).abs() < 1e-12);
-        assert!((lr_factor(0, 10, 0.0) - 1.0).abs() < 1e-12);
-        let f: Vec<f64> = (0..6000).map(|s| lr_factor(s, 6000, 0.05)).collect();
+        // 100 steps, 5 of warmup: 1/5 .. 5/5, then (101 − t)/96, last step 1/96.
+        let s = lr_schedule(100, 0.05);
+        let f = |step: usize| s.factor(step as u64 + 1);
+        assert!((f(0) - 0.2).abs() < 1e-12);
+        assert!((f(4) - 1.0).abs() < 1e-12);
+        assert!((f(5) - 95.0 / 96.0).abs() < 1e-12);
+        assert!((f(99) - 1.0 / 96.0).abs() < 1e-12);
+        assert!((f(52) - 48.0 / 96.0).abs() < 1e-12);
+        // No warmup: (11 − t)/11 from the first step.
+        assert!((lr_schedule(10, 0.0).factor(1) - 10.0 / 11.0).abs() < 1e-12);
+        let s = lr_schedule(6000, 0.05);
+        assert!(s.validate().is_ok());
+        let f: Vec<f64> = (1..=6000).map(|t| s.factor(t)).collect();
         assert!(f.iter().all(|&x| x > 0.0 && x <= 1.0));
     }
 
@@ -1076,6 +1154,82 @@ mod tests {
             rows[0].wall_s = resumed.rows[0].wall_s;
             rows
         });
+    }
+
+    /// Our optimizer through the whole loop: it lowers the loss, its state (basis, coefficients,
+    /// lost mass, grafting, momentum) survives the checkpoint, and a run interrupted after its
+    /// first step then resumed ends bitwise where a straight run does.
+    #[test]
+    fn shared_basis_trains_and_resumes_bitwise() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sb = |out: &str| TrainSettings {
+            optimizer: Some("shared-basis".into()),
+            lr: Some(1e-4),
+            ..settings(tmp.path(), out, 384, 64, 1)
+        };
+        let straight = run(
+            &TrainArgs {
+                settings: sb("straight"),
+                ..Default::default()
+            },
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        let first = straight.summary.first_batch_loss.unwrap();
+        let mean = straight.summary.final_train_loss.unwrap();
+        assert!(
+            mean < 0.9 * first,
+            "epoch mean {mean} vs first batch {first}"
+        );
+        assert!(straight.summary.optimizer_state_bytes > 2 * 2_837_314 * 4);
+        let part = run(
+            &TrainArgs {
+                settings: sb("split"),
+                ..Default::default()
+            },
+            &AtomicBool::new(true),
+        )
+        .unwrap();
+        assert_eq!(part.summary.steps, 1);
+        let resumed = run(
+            &TrainArgs {
+                resume: Some(part.out.clone()),
+                ..Default::default()
+            },
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(
+            resumed.summary.params_sha256,
+            straight.summary.params_sha256
+        );
+        assert_eq!(
+            resumed.summary.optimizer_state_bytes,
+            straight.summary.optimizer_state_bytes
+        );
+    }
+
+    #[test]
+    fn shared_basis_flags_are_refused_for_adam() {
+        let s = TrainSettings {
+            rank: Some(8),
+            ..Default::default()
+        };
+        let err = TrainConfig::from_settings(&s).unwrap_err().to_string();
+        assert_eq!(err, "--rank applies to shared-basis only");
+        let s = TrainSettings {
+            optimizer: Some("shared-basis".into()),
+            rank: Some(8),
+            beta2: Some(0.99),
+            ..Default::default()
+        };
+        let c = TrainConfig::from_settings(&s).unwrap();
+        let sb = c.optimizer.shared_basis.unwrap();
+        assert_eq!(
+            (sb.rank, sb.power_iters, sb.graft.as_str()),
+            (8, 1, "rmsprop-normalized")
+        );
+        assert_eq!((c.optimizer.beta2, c.optimizer.eps), (0.99, 1e-6));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 
 #[cfg(feature = "burn")]
 pub mod burn_adapter;
+#[cfg(feature = "burn")]
+pub mod burn_schedule;
 pub mod error;
 pub mod graft;
 pub mod linalg;
@@ -21,6 +23,8 @@ pub mod weight_decay;
 
 #[cfg(feature = "burn")]
 pub use burn_adapter::{SharedBasisHandle, SharedBasisOptimizer, SharedBasisOptimizerConfig};
+#[cfg(feature = "burn")]
+pub use burn_schedule::ScheduledLr;
 pub use error::{PrecondError, Result};
 /// The faer version whose `MatRef`/`MatMut` appear in [`Preconditioner`]'s signature.
 pub use faer;

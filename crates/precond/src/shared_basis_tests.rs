@@ -1,3 +1,6 @@
+// Oracle code indexes blocks, rows and steps explicitly, as the formulas do.
+#![allow(clippy::needless_range_loop)]
+
 //! Tests of Algorithm 1 against independent dense f64 references (NOTES §3).
 
 use super::*;
