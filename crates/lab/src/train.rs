@@ -69,7 +69,7 @@ pub struct TrainSettings {
     /// Run directory [default: runs/<optimizer>-<UTC timestamp>]
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Optimizer: adam, shared-basis [default: adam]
+    /// Optimizer preset: adam, shared-basis, shampoo-250, shampoo-1000 [default: adam]
     #[arg(long)]
     pub optimizer: Option<String>,
     /// Peak learning rate [default: the preset's, see README]
@@ -100,14 +100,21 @@ pub struct TrainSettings {
     /// shared-basis: power iterations estimating the lost mass rho (0 = exact) [default: 10]
     #[arg(long)]
     pub rho_iters: Option<usize>,
-    /// shared-basis: grafting: none, sgd, adagrad, rmsprop, rmsprop-normalized, adam
+    /// shampoo: largest block side [default: the preset's, 250 or 1000]
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// shampoo: steps between inverse-root recomputations [default: 10]
+    #[arg(long)]
+    pub precondition_every: Option<u64>,
+    /// ours: grafting: none, sgd, adagrad, rmsprop, rmsprop-normalized, adam
     /// [default: rmsprop-normalized]
     #[arg(long)]
     pub graft: Option<String>,
-    /// shared-basis: Nesterov momentum [default: true]
+    /// ours: Nesterov momentum [default: true]
     #[arg(long)]
     pub nesterov: Option<bool>,
-    /// shared-basis: first step (1-based) of preconditioning; grafting alone before [default: 1]
+    /// ours: first step (1-based) of preconditioning; grafting alone before [default: 1;
+    /// shampoo: 101]
     #[arg(long)]
     pub start_step: Option<u64>,
     /// Examples per step [default: 1000]
@@ -152,6 +159,8 @@ impl TrainSettings {
             oversample: self.oversample.or(other.oversample),
             power_iters: self.power_iters.or(other.power_iters),
             rho_iters: self.rho_iters.or(other.rho_iters),
+            block_size: self.block_size.or(other.block_size),
+            precondition_every: self.precondition_every.or(other.precondition_every),
             graft: self.graft.or(other.graft),
             nesterov: self.nesterov.or(other.nesterov),
             start_step: self.start_step.or(other.start_step),
@@ -226,30 +235,46 @@ impl TrainConfig {
         if let Some(v) = s.weight_decay {
             optimizer.weight_decay = v;
         }
-        match optimizer.shared_basis.as_mut() {
-            Some(sb) => {
-                sb.rank = s.rank.unwrap_or(sb.rank);
-                sb.oversample = s.oversample.unwrap_or(sb.oversample);
-                sb.power_iters = s.power_iters.unwrap_or(sb.power_iters);
-                sb.rho_iters = s.rho_iters.unwrap_or(sb.rho_iters);
-                sb.graft = s.graft.clone().unwrap_or(sb.graft.clone());
-                sb.nesterov = s.nesterov.unwrap_or(sb.nesterov);
-                sb.start_step = s.start_step.unwrap_or(sb.start_step);
-                sb.seed = s.seed.unwrap_or(0);
-            }
-            None => {
-                let given = [
-                    ("rank", s.rank.is_some()),
-                    ("oversample", s.oversample.is_some()),
-                    ("power-iters", s.power_iters.is_some()),
-                    ("rho-iters", s.rho_iters.is_some()),
-                    ("graft", s.graft.is_some()),
-                    ("nesterov", s.nesterov.is_some()),
-                    ("start-step", s.start_step.is_some()),
-                ];
-                if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
-                    return Err(OptimizerError::NotApplicable(flag).into());
-                }
+        if let Some(lib) = optimizer.library.as_mut() {
+            lib.graft = s.graft.clone().unwrap_or(lib.graft.clone());
+            lib.nesterov = s.nesterov.unwrap_or(lib.nesterov);
+            lib.start_step = s.start_step.unwrap_or(lib.start_step);
+            lib.seed = s.seed.unwrap_or(0);
+        }
+        // Method-specific settings: only where the preset has them.
+        let slots = optimizer.library.as_mut();
+        let (mut rank, mut oversample, mut power_iters, mut rho_iters, mut block, mut every) =
+            match slots {
+                Some(l) => (
+                    l.rank.as_mut(),
+                    l.oversample.as_mut(),
+                    l.power_iters.as_mut(),
+                    l.rho_iters.as_mut(),
+                    l.block_size.as_mut(),
+                    l.precondition_every.as_mut(),
+                ),
+                None => (None, None, None, None, None, None),
+            };
+        let refuse = |flag: &'static str| OptimizerError::NotApplicable {
+            flag,
+            optimizer: name.clone(),
+        };
+        set(&mut rank, s.rank, || refuse("rank"))?;
+        set(&mut oversample, s.oversample, || refuse("oversample"))?;
+        set(&mut power_iters, s.power_iters, || refuse("power-iters"))?;
+        set(&mut rho_iters, s.rho_iters, || refuse("rho-iters"))?;
+        set(&mut block, s.block_size, || refuse("block-size"))?;
+        set(&mut every, s.precondition_every, || {
+            refuse("precondition-every")
+        })?;
+        if optimizer.library.is_none() {
+            let given = [
+                ("graft", s.graft.is_some()),
+                ("nesterov", s.nesterov.is_some()),
+                ("start-step", s.start_step.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+                return Err(refuse(flag).into());
             }
         }
         let config = TrainConfig {
@@ -289,6 +314,22 @@ impl TrainConfig {
         }
         build_optimizer(&self.optimizer)?;
         Ok(())
+    }
+}
+
+/// Writes `value` into `slot` when given; a value for a slot the preset lacks is `refuse()`d.
+fn set<T>(
+    slot: &mut Option<&mut T>,
+    value: Option<T>,
+    refuse: impl FnOnce() -> OptimizerError,
+) -> Result<(), OptimizerError> {
+    match (slot, value) {
+        (_, None) => Ok(()),
+        (Some(slot), Some(v)) => {
+            **slot = v;
+            Ok(())
+        }
+        (None, Some(_)) => Err(refuse()),
     }
 }
 
@@ -532,7 +573,7 @@ fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resum
         ..settings.clone()
     };
     if given != TrainSettings::default() {
-        let sb = saved.optimizer.shared_basis.as_ref();
+        let sb = saved.optimizer.library.as_ref();
         let saved_settings = TrainSettings {
             optimizer: Some(saved.optimizer.name.clone()),
             lr: Some(saved.optimizer.lr),
@@ -540,10 +581,12 @@ fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resum
             beta2: Some(saved.optimizer.beta2),
             eps: Some(saved.optimizer.eps),
             weight_decay: Some(saved.optimizer.weight_decay),
-            rank: sb.map(|h| h.rank),
-            oversample: sb.map(|h| h.oversample),
-            power_iters: sb.map(|h| h.power_iters),
-            rho_iters: sb.map(|h| h.rho_iters),
+            rank: sb.and_then(|h| h.rank),
+            oversample: sb.and_then(|h| h.oversample),
+            power_iters: sb.and_then(|h| h.power_iters),
+            rho_iters: sb.and_then(|h| h.rho_iters),
+            block_size: sb.and_then(|h| h.block_size),
+            precondition_every: sb.and_then(|h| h.precondition_every),
             graft: sb.map(|h| h.graft.clone()),
             nesterov: sb.map(|h| h.nesterov),
             start_step: sb.map(|h| h.start_step),
@@ -983,7 +1026,7 @@ mod tests {
         let c = TrainConfig::from_settings(&TrainSettings::default()).unwrap();
         assert_eq!((c.batch_size, c.epochs, c.seed), (1000, 100, 0));
         assert_eq!(c.optimizer.name, "adam");
-        assert_eq!(c.optimizer.lr, 1e-3);
+        assert_eq!(c.optimizer.lr, 1e-2);
         assert_eq!(c.warmup_frac, 0.05);
         assert_eq!(c.data, PathBuf::from(DEFAULT_DATA));
         let bad = TrainSettings {
@@ -1020,7 +1063,10 @@ mod tests {
     fn one_epoch_of_adam_lowers_the_training_loss() {
         let tmp = tempfile::tempdir().unwrap();
         let args = TrainArgs {
-            settings: settings(tmp.path(), "run", 2000, 200, 1),
+            settings: TrainSettings {
+                lr: Some(1e-3),
+                ..settings(tmp.path(), "run", 2000, 200, 1)
+            },
             ..Default::default()
         };
         let r = run(&args, &AtomicBool::new(false)).unwrap();
@@ -1216,7 +1262,7 @@ mod tests {
             ..Default::default()
         };
         let err = TrainConfig::from_settings(&s).unwrap_err().to_string();
-        assert_eq!(err, "--rank applies to shared-basis only");
+        assert_eq!(err, "--rank does not apply to adam");
         let s = TrainSettings {
             optimizer: Some("shared-basis".into()),
             rank: Some(8),
@@ -1224,11 +1270,18 @@ mod tests {
             ..Default::default()
         };
         let c = TrainConfig::from_settings(&s).unwrap();
-        let sb = c.optimizer.shared_basis.unwrap();
+        let sb = c.optimizer.library.unwrap();
         assert_eq!(
-            (sb.rank, sb.power_iters, sb.graft.as_str()),
-            (8, 1, "rmsprop-normalized")
+            (sb.rank, sb.power_iters, sb.block_size, sb.graft.as_str()),
+            (Some(8), Some(1), None, "rmsprop-normalized")
         );
+        let s = TrainSettings {
+            optimizer: Some("shampoo-1000".into()),
+            rank: Some(8),
+            ..Default::default()
+        };
+        let err = TrainConfig::from_settings(&s).unwrap_err().to_string();
+        assert_eq!(err, "--rank does not apply to shampoo-1000");
         assert_eq!((c.optimizer.beta2, c.optimizer.eps), (0.99, 1e-6));
     }
 

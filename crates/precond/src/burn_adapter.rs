@@ -116,7 +116,7 @@ impl SharedBasisOptimizerConfig {
         }
         match &mut self.config.method {
             Method::SharedBasis(c) => c,
-            Method::GraftOnly => unreachable!("set to SharedBasis above"),
+            _ => unreachable!("set to SharedBasis above"),
         }
     }
 

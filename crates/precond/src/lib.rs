@@ -17,6 +17,7 @@ pub mod optimizer;
 pub mod preconditioner;
 pub mod scalar;
 pub mod schedule;
+pub mod shampoo;
 pub mod shared_basis;
 pub mod view;
 pub mod weight_decay;

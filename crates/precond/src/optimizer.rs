@@ -22,6 +22,7 @@ use crate::error::{invalid, PrecondError, Result};
 use crate::graft::{GraftConfig, GraftKind, GraftState};
 use crate::momentum::{MomentumConfig, MomentumState};
 use crate::preconditioner::Preconditioner;
+use crate::shampoo::{Shampoo, ShampooConfig};
 use crate::shared_basis::{SharedBasis, SharedBasisConfig};
 use crate::view::ParamView;
 use crate::weight_decay::WeightDecayConfig;
@@ -33,6 +34,10 @@ use serde::{Deserialize, Serialize};
 pub enum Method {
     /// The shared-basis block low-rank preconditioner (Algorithm 1).
     SharedBasis(SharedBasisConfig),
+    /// Shampoo with blocking (Gupta et al. 2018; Anil et al. 2020). Set
+    /// `start_preconditioning_step` to its `start_step` too: before its first roots the grafting
+    /// direction is used whatever that setting says.
+    Shampoo(ShampooConfig),
     /// No preconditioner: the grafting optimizer alone (e.g. Adam or RMSProp as a baseline).
     GraftOnly,
 }
@@ -95,8 +100,10 @@ impl Default for OptimizerConfig {
 impl OptimizerConfig {
     /// Checks every field; returns an error naming the bad one.
     pub fn validate(&self) -> Result<()> {
-        if let Method::SharedBasis(c) = &self.method {
-            c.validate()?;
+        match &self.method {
+            Method::SharedBasis(c) => c.validate()?,
+            Method::Shampoo(c) => c.validate()?,
+            Method::GraftOnly => {}
         }
         self.graft.validate()?;
         self.momentum.validate()?;
@@ -120,22 +127,33 @@ impl OptimizerConfig {
 pub enum MethodState {
     /// Algorithm 1's basis, coefficients and lost mass.
     SharedBasis(SharedBasis<f32>),
+    /// Shampoo's per-block statistics and roots.
+    Shampoo(Shampoo<f32>),
 }
 
 impl Preconditioner<f32> for MethodState {
     fn precondition(&mut self, grad: MatRef<'_, f32>, direction: MatMut<'_, f32>) -> Result<()> {
         match self {
             MethodState::SharedBasis(s) => s.precondition(grad, direction),
+            MethodState::Shampoo(s) => s.precondition(grad, direction),
         }
     }
     fn state_bytes(&self) -> usize {
         match self {
             MethodState::SharedBasis(s) => s.state_bytes(),
+            MethodState::Shampoo(s) => s.state_bytes(),
         }
     }
     fn steps(&self) -> u64 {
         match self {
             MethodState::SharedBasis(s) => Preconditioner::<f32>::steps(s),
+            MethodState::Shampoo(s) => Preconditioner::<f32>::steps(s),
+        }
+    }
+    fn is_ready(&self) -> bool {
+        match self {
+            MethodState::SharedBasis(s) => Preconditioner::<f32>::is_ready(s),
+            MethodState::Shampoo(s) => Preconditioner::<f32>::is_ready(s),
         }
     }
 }
@@ -182,6 +200,11 @@ impl ParamOptimizer<MethodState> {
             match &config.method {
                 Method::SharedBasis(c) => Ok(MethodState::SharedBasis(SharedBasis::new(
                     c.clone(),
+                    view.rows(),
+                    view.blocks(),
+                )?)),
+                Method::Shampoo(c) => Ok(MethodState::Shampoo(Shampoo::new(
+                    c,
                     view.rows(),
                     view.blocks(),
                 )?)),
@@ -352,7 +375,7 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
                 }
                 // r into work_b (its matrix content has been scattered to d = work_a).
                 graft.direction(grad, work_b)?;
-                if t >= config.start_preconditioning_step {
+                if t >= config.start_preconditioning_step && p.is_ready() {
                     graft.rescale(work_a, work_b);
                     work_a
                 } else {

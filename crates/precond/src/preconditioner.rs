@@ -20,4 +20,11 @@ pub trait Preconditioner<T: Scalar>: Send {
 
     /// Number of `precondition` calls taken so far.
     fn steps(&self) -> u64;
+
+    /// Whether the last direction written is the method's own. A method that needs warm-up
+    /// (Shampoo before its first roots) writes a placeholder and returns false; the caller then
+    /// uses the grafting direction. Default: always true.
+    fn is_ready(&self) -> bool {
+        true
+    }
 }
