@@ -15,7 +15,11 @@ use std::process::ExitCode;
 
 use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
 use precond::faer::{MatMut, MatRef};
-use precond::{PrecondError, Preconditioner, RhoMode, Scalar, SharedBasis, SharedBasisConfig};
+use precond::shampoo::{Shampoo, ShampooConfig};
+use precond::{
+    PrecondError, Preconditioner, Result as PrecondResult, RhoMode, Scalar, SharedBasis,
+    SharedBasisConfig,
+};
 use thiserror::Error;
 
 /// The long help of `precond replay` (used by main.rs).
@@ -26,19 +30,24 @@ raw preconditioned direction.
 Input (--grads): a .npy array of shape (T, b, m), float32 or float64, C or Fortran order: T steps \
 of one layer's (b, m) gradient; the blocks are the columns (g[t, :, i] is block i).
 
-Output (--out): float32, C order, shape (T, b, m). OUT[t] is the raw direction u_t of eq. 6, \
-minus sign included: per block, u_i = -(B R_i B^T + (rho_i + eps) I)^(-1/2) g_i, so that a plain \
-step reads theta_{t+1} = theta_t + lr * u_t. No grafting, momentum, weight decay or learning rate \
-is applied.
+Output (--out): float32, C order, shape (T, b, m). OUT[t] is the raw direction u_t, minus sign \
+included, so that a plain step reads theta_{t+1} = theta_t + lr * u_t. No grafting, momentum, \
+weight decay or learning rate is applied. shared-basis: eq. 6 per block, \
+u_i = -(B R_i B^T + (rho_i + eps) I)^(-1/2) g_i. shampoo: -(L+eps I)^(-1/4) G (R+eps I)^(-1/4) \
+per block, the statistics including step t's gradient before a root is recomputed; -G before \
+--start-step. Steps count from 1.
 
-Precision: float64 input runs SharedBasis<f64>, float32 input runs SharedBasis<f32> (the output \
-is float32 either way).";
+Precision: float64 input runs the method in f64, float32 input in f32 (the output is float32 \
+either way).";
 
 /// The preconditioners `replay` knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReplayOptimizer {
     /// The shared-basis block low-rank preconditioner (Algorithm 1).
     SharedBasis,
+    /// Shampoo with blocking: -(L+eps I)^(-1/4) G (R+eps I)^(-1/4) per block (-G before its
+    /// first roots).
+    Shampoo,
 }
 
 /// Arguments of `precond replay`.
@@ -77,12 +86,46 @@ pub struct ReplayArgs {
     /// Seed of the randomized SVD's Gaussian start.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Shampoo: largest block side.
+    #[arg(long, default_value_t = 1024)]
+    pub block_size: usize,
+    /// Shampoo: steps between root recomputations.
+    #[arg(long, default_value_t = 1)]
+    pub precondition_every: u64,
+    /// Shampoo: first (1-based) preconditioned step; before it the direction is -G.
+    #[arg(long, default_value_t = 1)]
+    pub start_step: u64,
     /// Print the preconditioner's state bytes.
     #[arg(long)]
     pub print_memory: bool,
 }
 
 impl ReplayArgs {
+    /// The Shampoo configuration these flags describe.
+    pub fn shampoo_config(&self) -> ShampooConfig {
+        ShampooConfig {
+            block_size: self.block_size,
+            beta2: self.beta2,
+            eps: self.eps,
+            start_step: self.start_step,
+            precondition_every: self.precondition_every,
+        }
+    }
+
+    /// The preconditioner these flags describe, for a (b, m) layer in precision `T`.
+    pub fn build<T: Scalar>(
+        &self,
+        b: usize,
+        m: usize,
+    ) -> PrecondResult<Box<dyn Preconditioner<T>>> {
+        Ok(match self.optimizer {
+            ReplayOptimizer::SharedBasis => {
+                Box::new(SharedBasis::<T>::new(self.shared_basis_config(), b, m)?)
+            }
+            ReplayOptimizer::Shampoo => Box::new(Shampoo::<T>::new(&self.shampoo_config(), b, m)?),
+        })
+    }
+
     /// The shared-basis configuration these flags describe.
     pub fn shared_basis_config(&self) -> SharedBasisConfig {
         SharedBasisConfig {
@@ -159,12 +202,13 @@ pub struct ReplayReport {
 pub fn command(args: &ReplayArgs) -> Result<ExitCode, ReplayError> {
     let r = run(args)?;
     println!(
-        "{}: {} steps of a ({}, {}) layer, {:?} shared basis",
+        "{}: {} steps of a ({}, {}) layer, {:?} {:?}",
         args.out.display(),
         r.steps,
         r.rows,
         r.blocks,
-        r.precision
+        r.precision,
+        args.optimizer
     );
     if args.print_memory {
         println!("state bytes: {}", r.state_bytes);
@@ -174,18 +218,19 @@ pub fn command(args: &ReplayArgs) -> Result<ExitCode, ReplayError> {
 
 /// Reads `args.grads`, replays it, writes `args.out`.
 pub fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
-    let ReplayOptimizer::SharedBasis = args.optimizer;
-    let config = args.shared_basis_config();
-    config.validate().map_err(ReplayError::Config)?;
+    // Configuration errors before reading the file.
+    args.build::<f32>(1, 1).map_err(ReplayError::Config)?;
     let g = read_grads(&args.grads)?;
     let (t, b, m) = (g.steps, g.rows, g.blocks);
     let (dirs, state_bytes, precision) = match &g.data {
         GradData::F32(v) => {
-            let (d, s) = replay::<f32>(v, t, b, m, config, &args.grads)?;
+            let precond = args.build::<f32>(b, m).map_err(ReplayError::Config)?;
+            let (d, s) = replay::<f32>(v, t, b, m, precond, &args.grads)?;
             (d, s, Precision::F32)
         }
         GradData::F64(v) => {
-            let (d, s) = replay::<f64>(v, t, b, m, config, &args.grads)?;
+            let precond = args.build::<f64>(b, m).map_err(ReplayError::Config)?;
+            let (d, s) = replay::<f64>(v, t, b, m, precond, &args.grads)?;
             (d, s, Precision::F64)
         }
     };
@@ -199,18 +244,17 @@ pub fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
     })
 }
 
-/// Runs `SharedBasis<T>` over the C-order (T, b, m) `data`; returns the directions (C order,
-/// f32) and the final state bytes.
+/// Runs `precond` over the C-order (T, b, m) `data`; returns the directions (C order, f32) and
+/// the final state bytes.
 pub fn replay<T: Scalar>(
     data: &[T],
     steps: usize,
     rows: usize,
     blocks: usize,
-    config: SharedBasisConfig,
+    mut precond: Box<dyn Preconditioner<T>>,
     path: &Path,
 ) -> Result<(Vec<f32>, usize), ReplayError> {
     let (b, m) = (rows, blocks);
-    let mut sb = SharedBasis::<T>::new(config, b, m).map_err(ReplayError::Config)?;
     let mut out = Vec::with_capacity(steps * b * m);
     // Column-major (b, m) buffers: column i is block i.
     let mut grad = vec![T::zero(); b * m];
@@ -227,22 +271,23 @@ pub fn replay<T: Scalar>(
                 grad[c * b + r] = slab[r * m + c];
             }
         }
-        sb.precondition(
-            MatRef::from_column_major_slice(&grad, b, m),
-            MatMut::from_column_major_slice_mut(&mut dir, b, m),
-        )
-        .map_err(|source| ReplayError::Step {
-            path: path.to_path_buf(),
-            step: t,
-            source,
-        })?;
+        precond
+            .precondition(
+                MatRef::from_column_major_slice(&grad, b, m),
+                MatMut::from_column_major_slice_mut(&mut dir, b, m),
+            )
+            .map_err(|source| ReplayError::Step {
+                path: path.to_path_buf(),
+                step: t,
+                source,
+            })?;
         for r in 0..b {
             for c in 0..m {
                 out.push(dir[c * b + r].f64() as f32);
             }
         }
     }
-    Ok((out, Preconditioner::<T>::state_bytes(&sb)))
+    Ok((out, precond.state_bytes()))
 }
 
 /// Reads a (T, b, m) float32/float64 `.npy` (C or Fortran order) into C order, with errors that
@@ -388,8 +433,58 @@ mod tests {
             eps: 1e-2,
             beta2: 1.0,
             seed: 0,
+            block_size: 1024,
+            precondition_every: 1,
+            start_step: 1,
             print_memory: false,
         }
+    }
+
+    /// (A + εI)^{−1/4} of a symmetric f64 matrix, by faer's dense eigendecomposition.
+    fn inv_fourth_root(a: &Mat<f64>, eps: f64) -> Mat<f64> {
+        let n = a.nrows();
+        let evd = a.self_adjoint_eigen(Side::Lower).unwrap();
+        let (u, lam) = (evd.U(), evd.S().column_vector());
+        Mat::from_fn(n, n, |i, j| {
+            (0..n)
+                .map(|k| u[(i, k)] * u[(j, k)] * (lam[k].max(0.0) + eps).powf(-0.25))
+                .sum()
+        })
+    }
+
+    /// Shampoo (one block, roots every step from step 1, plain sums) through replay equals
+    /// −(L_t+εI)^{−1/4} G_t (R_t+εI)^{−1/4} in f64.
+    #[test]
+    fn shampoo_replay_equals_the_f64_formula() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, b, m, eps) = (6usize, 5usize, 4usize, 1e-2);
+        let g = gradients(t, b, m, 3);
+        let (mut l, mut r) = (Mat::<f64>::zeros(b, b), Mat::<f64>::zeros(m, m));
+        let mut want = Vec::new();
+        for s in 0..t {
+            let gs = Mat::from_fn(b, m, |i, j| g[(s * b + i) * m + j]);
+            l += &gs * gs.transpose();
+            r += gs.transpose() * &gs;
+            let u = inv_fourth_root(&l, eps) * &gs * inv_fourth_root(&r, eps);
+            want.extend(
+                (0..b)
+                    .flat_map(|i| (0..m).map(move |j| (i, j)))
+                    .map(|(i, j)| -u[(i, j)]),
+            );
+        }
+        let (inp, out) = (dir.path().join("g.npy"), dir.path().join("u.npy"));
+        write_npy(&inp, &g, &[t as u64, b as u64, m as u64], Order::C);
+        let report = run(&ReplayArgs {
+            optimizer: ReplayOptimizer::Shampoo,
+            eps,
+            ..args(inp, out.clone())
+        })
+        .unwrap();
+        // Statistics and roots, f64: 2·(5² + 4²) floats.
+        assert_eq!(report.state_bytes, 2 * (25 + 16) * 8);
+        let err = max_err(&read_f32(&out).1, &want);
+        // f64 run; what is left is the f32 rounding of the output.
+        assert!(err <= 1e-6, "max error {err}");
     }
 
     fn write_npy<T: npyz::AutoSerialize + Copy>(
@@ -603,7 +698,7 @@ mod tests {
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("θ_{t+1} = θ_t + lr·u_t"), "{help}");
         assert!(LONG_ABOUT.contains("theta_{t+1} = theta_t + lr * u_t"));
-        assert!(LONG_ABOUT.contains("SharedBasis<f64>") && LONG_ABOUT.contains("SharedBasis<f32>"));
+        assert!(LONG_ABOUT.contains("float64 input runs the method in f64"));
         let ok = Cli::try_parse_from([
             "x",
             "--optimizer",
