@@ -9,6 +9,7 @@ use burn::module::Module;
 use burn::optim::decay::WeightDecayConfig as BurnWeightDecay;
 use burn::optim::{AdamConfig, ModuleOptimizer};
 use precond::shampoo::ShampooConfig;
+use precond::sketchy::SketchyConfig;
 use precond::{
     GraftKind, Method, PrecondError, RhoMode, SharedBasisConfig, SharedBasisHandle,
     SharedBasisOptimizerConfig, WeightDecayConfig, WeightDecayMode,
@@ -19,7 +20,13 @@ use thiserror::Error;
 use crate::autoencoder::Autoencoder;
 
 /// Names accepted by `--optimizer`: the presets.
-pub const OPTIMIZERS: &[&str] = &["adam", "shared-basis", "shampoo-250", "shampoo-1000"];
+pub const OPTIMIZERS: &[&str] = &[
+    "adam",
+    "shared-basis",
+    "shampoo-250",
+    "shampoo-1000",
+    "sketchy",
+];
 
 /// Names accepted by `--graft` (NOTES §4; the paper's choice is `rmsprop-normalized`).
 pub const GRAFTS: &[&str] = &[
@@ -78,7 +85,8 @@ pub struct OptimizerHparams {
 /// `None` (and its flag is refused).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LibraryHparams {
-    /// shared-basis: rank k of the shared basis (capped at each layer's d_in).
+    /// shared-basis: rank k of the shared basis (capped at each layer's d_in); sketchy: rank ℓ
+    /// of each frequent-directions sketch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rank: Option<usize>,
     /// shared-basis: oversampling p of the randomized SVD.
@@ -90,10 +98,10 @@ pub struct LibraryHparams {
     /// shared-basis: power iterations estimating ρ_i (0 = exact, by eigendecompositions).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rho_iters: Option<usize>,
-    /// Shampoo: largest block side.
+    /// Shampoo, Sketchy: largest block side.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
-    /// Shampoo: steps between recomputations of the inverse roots.
+    /// Shampoo, Sketchy: steps between recomputations of the inverse roots.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub precondition_every: Option<u64>,
     /// Grafting (one of [`GRAFTS`]).
@@ -144,6 +152,15 @@ impl LibraryHparams {
             ..Self::base()
         }
     }
+
+    /// The paper's Sketchy settings (NOTES §5): rank 256, block 1024; its start step and
+    /// recomputation interval are not published, so Shampoo's (101, every 10) (ours).
+    pub fn sketchy() -> Self {
+        LibraryHparams {
+            rank: Some(256),
+            ..Self::shampoo(1024)
+        }
+    }
 }
 
 impl OptimizerHparams {
@@ -163,6 +180,7 @@ impl OptimizerHparams {
             "shared-basis" => ours(LibraryHparams::shared_basis()),
             "shampoo-250" => ours(LibraryHparams::shampoo(250)),
             "shampoo-1000" => ours(LibraryHparams::shampoo(1000)),
+            "sketchy" => ours(LibraryHparams::sketchy()),
             _ => OptimizerHparams {
                 name: name.into(),
                 lr,
@@ -184,7 +202,7 @@ pub fn default_lr(name: &str) -> Result<f64, OptimizerError> {
         "adam" => Ok(1e-2),
         "shared-basis" => Ok(3e-5),
         // Same grafting as shared-basis, so the same step norm; not swept separately (README).
-        "shampoo-250" | "shampoo-1000" => Ok(3e-5),
+        "shampoo-250" | "shampoo-1000" | "sketchy" => Ok(3e-5),
         other => Err(OptimizerError::Unknown(other.to_string())),
     }
 }
@@ -240,7 +258,16 @@ pub fn library_config(h: &OptimizerHparams) -> Result<SharedBasisOptimizerConfig
         .library
         .clone()
         .unwrap_or_else(LibraryHparams::shared_basis);
-    let method = if h.name.starts_with("shampoo") {
+    let method = if h.name == "sketchy" {
+        Method::Sketchy(SketchyConfig {
+            rank: lib.rank.unwrap_or(256),
+            block_size: lib.block_size.unwrap_or(1024),
+            beta2: h.beta2,
+            eps: h.eps,
+            start_step: lib.start_step,
+            precondition_every: lib.precondition_every.unwrap_or(1),
+        })
+    } else if h.name.starts_with("shampoo") {
         Method::Shampoo(ShampooConfig {
             block_size: lib.block_size.unwrap_or(1024),
             beta2: h.beta2,
@@ -349,7 +376,8 @@ mod tests {
         assert_eq!(
             err.as_deref(),
             Some(
-                "unknown optimizer \"sgdx\"; known: adam, shared-basis, shampoo-250, shampoo-1000"
+                "unknown optimizer \"sgdx\"; known: adam, shared-basis, shampoo-250, \
+                 shampoo-1000, sketchy"
             )
         );
         let err = build_optimizer(&OptimizerHparams {

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
 use precond::faer::{MatMut, MatRef};
 use precond::shampoo::{Shampoo, ShampooConfig};
+use precond::sketchy::{Sketchy, SketchyConfig};
 use precond::{
     PrecondError, Preconditioner, Result as PrecondResult, RhoMode, Scalar, SharedBasis,
     SharedBasisConfig,
@@ -35,7 +36,8 @@ included, so that a plain step reads theta_{t+1} = theta_t + lr * u_t. No grafti
 weight decay or learning rate is applied. shared-basis: eq. 6 per block, \
 u_i = -(B R_i B^T + (rho_i + eps) I)^(-1/2) g_i. shampoo: -(L+eps I)^(-1/4) G (R+eps I)^(-1/4) \
 per block, the statistics including step t's gradient before a root is recomputed; -G before \
---start-step. Steps count from 1.
+--start-step. sketchy: the same with each statistic a `--rank` frequent-directions sketch plus \
+its escaped mass. Steps count from 1.
 
 Precision: float64 input runs the method in f64, float32 input in f32 (the output is float32 \
 either way).";
@@ -48,6 +50,8 @@ pub enum ReplayOptimizer {
     /// Shampoo with blocking: -(L+eps I)^(-1/4) G (R+eps I)^(-1/4) per block (-G before its
     /// first roots).
     Shampoo,
+    /// Sketchy: Shampoo with `--rank` frequent-directions sketches, escaped mass added back.
+    Sketchy,
 }
 
 /// Arguments of `precond replay`.
@@ -62,7 +66,7 @@ pub struct ReplayArgs {
     /// Output directions u_t (float32, shape (T, b, m)), θ_{t+1} = θ_t + lr·u_t.
     #[arg(long, value_name = "OUT.npy")]
     pub out: PathBuf,
-    /// Rank k of the shared basis (capped at b).
+    /// Rank k of the shared basis (capped at b); sketchy: rank of each sketch.
     #[arg(long, default_value_t = 32)]
     pub rank: usize,
     /// Oversampling p of the randomized SVD.
@@ -86,13 +90,13 @@ pub struct ReplayArgs {
     /// Seed of the randomized SVD's Gaussian start.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Shampoo: largest block side.
+    /// Shampoo, Sketchy: largest block side.
     #[arg(long, default_value_t = 1024)]
     pub block_size: usize,
-    /// Shampoo: steps between root recomputations.
+    /// Shampoo, Sketchy: steps between root recomputations.
     #[arg(long, default_value_t = 1)]
     pub precondition_every: u64,
-    /// Shampoo: first (1-based) preconditioned step; before it the direction is -G.
+    /// Shampoo, Sketchy: first (1-based) preconditioned step; before it the direction is -G.
     #[arg(long, default_value_t = 1)]
     pub start_step: u64,
     /// Print the preconditioner's state bytes.
@@ -123,6 +127,18 @@ impl ReplayArgs {
                 Box::new(SharedBasis::<T>::new(self.shared_basis_config(), b, m)?)
             }
             ReplayOptimizer::Shampoo => Box::new(Shampoo::<T>::new(&self.shampoo_config(), b, m)?),
+            ReplayOptimizer::Sketchy => {
+                let s = self.shampoo_config();
+                let config = SketchyConfig {
+                    rank: self.rank,
+                    block_size: s.block_size,
+                    beta2: s.beta2,
+                    eps: s.eps,
+                    start_step: s.start_step,
+                    precondition_every: s.precondition_every,
+                };
+                Box::new(Sketchy::<T>::new(&config, b, m)?)
+            }
         })
     }
 
@@ -485,6 +501,18 @@ mod tests {
         let err = max_err(&read_f32(&out).1, &want);
         // f64 run; what is left is the f32 rounding of the output.
         assert!(err <= 1e-6, "max error {err}");
+
+        // Sketchy with a rank ≥ both sides keeps everything: the same directions.
+        let out = dir.path().join("sketchy.npy");
+        run(&ReplayArgs {
+            optimizer: ReplayOptimizer::Sketchy,
+            rank: 8,
+            eps,
+            ..args(dir.path().join("g.npy"), out.clone())
+        })
+        .unwrap();
+        let err = max_err(&read_f32(&out).1, &want);
+        assert!(err <= 1e-6, "sketchy max error {err}");
     }
 
     fn write_npy<T: npyz::AutoSerialize + Copy>(

@@ -69,7 +69,7 @@ pub struct TrainSettings {
     /// Run directory [default: runs/<optimizer>-<UTC timestamp>]
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Optimizer preset: adam, shared-basis, shampoo-250, shampoo-1000 [default: adam]
+    /// Optimizer preset: adam, shared-basis, shampoo-250, shampoo-1000, sketchy [default: adam]
     #[arg(long)]
     pub optimizer: Option<String>,
     /// Peak learning rate [default: the preset's, see README]
@@ -88,7 +88,7 @@ pub struct TrainSettings {
     /// Weight decay, coupled (adam: L2 penalty on the gradient) [default: 0]
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// shared-basis: rank k of the basis [default: 32]
+    /// shared-basis: rank k of the basis [default: 32]; sketchy: sketch rank [default: 256]
     #[arg(long)]
     pub rank: Option<usize>,
     /// shared-basis: oversampling p of the randomized SVD [default: 0]
@@ -100,10 +100,10 @@ pub struct TrainSettings {
     /// shared-basis: power iterations estimating the lost mass rho (0 = exact) [default: 10]
     #[arg(long)]
     pub rho_iters: Option<usize>,
-    /// shampoo: largest block side [default: the preset's, 250 or 1000]
+    /// shampoo, sketchy: largest block side [default: the preset's, 250, 1000 or 1024]
     #[arg(long)]
     pub block_size: Option<usize>,
-    /// shampoo: steps between inverse-root recomputations [default: 10]
+    /// shampoo, sketchy: steps between inverse-root recomputations [default: 10]
     #[arg(long)]
     pub precondition_every: Option<u64>,
     /// ours: grafting: none, sgd, adagrad, rmsprop, rmsprop-normalized, adam
@@ -114,7 +114,7 @@ pub struct TrainSettings {
     #[arg(long)]
     pub nesterov: Option<bool>,
     /// ours: first step (1-based) of preconditioning; grafting alone before [default: 1;
-    /// shampoo: 101]
+    /// shampoo, sketchy: 101]
     #[arg(long)]
     pub start_step: Option<u64>,
     /// Examples per step [default: 1000]

@@ -19,6 +19,7 @@ pub mod scalar;
 pub mod schedule;
 pub mod shampoo;
 pub mod shared_basis;
+pub mod sketchy;
 pub mod view;
 pub mod weight_decay;
 

@@ -24,6 +24,7 @@ use crate::momentum::{MomentumConfig, MomentumState};
 use crate::preconditioner::Preconditioner;
 use crate::shampoo::{Shampoo, ShampooConfig};
 use crate::shared_basis::{SharedBasis, SharedBasisConfig};
+use crate::sketchy::{Sketchy, SketchyConfig};
 use crate::view::ParamView;
 use crate::weight_decay::WeightDecayConfig;
 use faer::{MatMut, MatRef};
@@ -38,6 +39,9 @@ pub enum Method {
     /// `start_preconditioning_step` to its `start_step` too: before its first roots the grafting
     /// direction is used whatever that setting says.
     Shampoo(ShampooConfig),
+    /// Sketchy (Feinberg et al. 2023): Shampoo with frequent-directions sketches of rank `rank`;
+    /// the same advice on `start_preconditioning_step` as Shampoo.
+    Sketchy(SketchyConfig),
     /// No preconditioner: the grafting optimizer alone (e.g. Adam or RMSProp as a baseline).
     GraftOnly,
 }
@@ -103,6 +107,7 @@ impl OptimizerConfig {
         match &self.method {
             Method::SharedBasis(c) => c.validate()?,
             Method::Shampoo(c) => c.validate()?,
+            Method::Sketchy(c) => c.validate()?,
             Method::GraftOnly => {}
         }
         self.graft.validate()?;
@@ -124,11 +129,14 @@ impl OptimizerConfig {
 
 /// The serializable state of the second-order method of one parameter. New methods add variants.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)] // one per parameter, built once and never moved in the hot loop
 pub enum MethodState {
     /// Algorithm 1's basis, coefficients and lost mass.
     SharedBasis(SharedBasis<f32>),
     /// Shampoo's per-block statistics and roots.
     Shampoo(Shampoo<f32>),
+    /// Sketchy's per-block sketches and their frozen copies.
+    Sketchy(Sketchy<f32>),
 }
 
 impl Preconditioner<f32> for MethodState {
@@ -136,24 +144,28 @@ impl Preconditioner<f32> for MethodState {
         match self {
             MethodState::SharedBasis(s) => s.precondition(grad, direction),
             MethodState::Shampoo(s) => s.precondition(grad, direction),
+            MethodState::Sketchy(s) => s.precondition(grad, direction),
         }
     }
     fn state_bytes(&self) -> usize {
         match self {
             MethodState::SharedBasis(s) => s.state_bytes(),
             MethodState::Shampoo(s) => s.state_bytes(),
+            MethodState::Sketchy(s) => s.state_bytes(),
         }
     }
     fn steps(&self) -> u64 {
         match self {
             MethodState::SharedBasis(s) => Preconditioner::<f32>::steps(s),
             MethodState::Shampoo(s) => Preconditioner::<f32>::steps(s),
+            MethodState::Sketchy(s) => Preconditioner::<f32>::steps(s),
         }
     }
     fn is_ready(&self) -> bool {
         match self {
             MethodState::SharedBasis(s) => Preconditioner::<f32>::is_ready(s),
             MethodState::Shampoo(s) => Preconditioner::<f32>::is_ready(s),
+            MethodState::Sketchy(s) => Preconditioner::<f32>::is_ready(s),
         }
     }
 }
@@ -204,6 +216,11 @@ impl ParamOptimizer<MethodState> {
                     view.blocks(),
                 )?)),
                 Method::Shampoo(c) => Ok(MethodState::Shampoo(Shampoo::new(
+                    c,
+                    view.rows(),
+                    view.blocks(),
+                )?)),
+                Method::Sketchy(c) => Ok(MethodState::Sketchy(Sketchy::new(
                     c,
                     view.rows(),
                     view.blocks(),
