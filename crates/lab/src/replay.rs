@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
+use precond::block_diag::{BlockAdam, BlockAdamConfig};
+use precond::diagonal::{Diagonal, DiagonalConfig, DiagonalKind};
 use precond::faer::{MatMut, MatRef};
+use precond::full_matrix::{FullMatrix, FullMatrixConfig};
 use precond::shampoo::{Shampoo, ShampooConfig};
 use precond::sketchy::{Sketchy, SketchyConfig};
 use precond::{
@@ -37,7 +40,10 @@ weight decay or learning rate is applied. shared-basis: eq. 6 per block, \
 u_i = -(B R_i B^T + (rho_i + eps) I)^(-1/2) g_i. shampoo: -(L+eps I)^(-1/4) G (R+eps I)^(-1/4) \
 per block, the statistics including step t's gradient before a root is recomputed; -G before \
 --start-step. sketchy: the same with each statistic a `--rank` frequent-directions sketch plus \
-its escaped mass. Steps count from 1.
+its escaped mass. block-adam: -(V^ + eps I)^(-1/2) m^ per block. full-adagrad: \
+-(H + eps I)^(-1/2) g over the whole flattened gradient. sgd, adagrad, rmsprop, adam, adamw: the \
+update before the learning rate, as PyTorch defines it (adam: -m^ / (sqrt(v^) + eps); adamw \
+equals adam here, its decoupled decay needs the parameter). Steps count from 1.
 
 Precision: float64 input runs the method in f64, float32 input in f32 (the output is float32 \
 either way).";
@@ -45,19 +51,54 @@ either way).";
 /// The preconditioners `replay` knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReplayOptimizer {
-    /// The shared-basis block low-rank preconditioner (Algorithm 1).
-    SharedBasis,
+    /// SGD with momentum --beta1 (PyTorch: buf = beta1 buf + g, u = -buf).
+    Sgd,
+    /// Adagrad (PyTorch): v += g², u = -g / (sqrt(v) + eps).
+    Adagrad,
+    /// RMSprop (PyTorch, alpha = --beta2): u = -g / (sqrt(v) + eps).
+    Rmsprop,
+    /// Adam (PyTorch, bias-corrected): u = -m̂ / (sqrt(v̂) + eps).
+    Adam,
+    /// AdamW: Adam's direction (its decoupled decay needs the parameter, which replay lacks).
+    Adamw,
+    /// Block Adam: -(V̂ + eps I)^(-1/2) m̂ per block of --block-size rows of each column.
+    BlockAdam,
     /// Shampoo with blocking: -(L+eps I)^(-1/4) G (R+eps I)^(-1/4) per block (-G before its
     /// first roots).
     Shampoo,
     /// Sketchy: Shampoo with `--rank` frequent-directions sketches, escaped mass added back.
     Sketchy,
+    /// Full-matrix Adagrad over the whole (b, m) gradient: -(H + eps I)^(-1/2) g (small b·m only).
+    FullAdagrad,
+    /// The shared-basis block low-rank preconditioner (Algorithm 1).
+    SharedBasis,
+}
+
+impl ReplayOptimizer {
+    /// Default β2: 1 (plain sums) for the Adagrad family and the Shampoo family, PyTorch's
+    /// defaults for the others.
+    fn default_beta2(self) -> f64 {
+        match self {
+            Self::Rmsprop => 0.99,
+            Self::Adam | Self::Adamw | Self::BlockAdam => 0.999,
+            _ => 1.0,
+        }
+    }
+
+    /// Default ε: PyTorch's for the diagonal methods, 1e-6 for the matrix methods.
+    fn default_eps(self) -> f64 {
+        match self {
+            Self::Adagrad => 1e-10,
+            Self::Sgd | Self::Rmsprop | Self::Adam | Self::Adamw | Self::BlockAdam => 1e-8,
+            _ => 1e-6,
+        }
+    }
 }
 
 /// Arguments of `precond replay`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
-    /// The preconditioner.
+    /// The method.
     #[arg(long, value_enum)]
     pub optimizer: ReplayOptimizer,
     /// Input gradients: .npy, float32 or float64, shape (T, b, m); blocks are the columns.
@@ -81,36 +122,51 @@ pub struct ReplayArgs {
     /// Measure ρ exactly (eigendecompositions) instead of by power iteration.
     #[arg(long)]
     pub rho_exact: bool,
-    /// ε added to ρ_i before the inverse square root (> 0).
-    #[arg(long, default_value_t = 1e-6)]
-    pub eps: f64,
-    /// Decay of the statistics in (0, 1]; 1 is Algorithm 1's plain sum.
-    #[arg(long, default_value_t = 1.0)]
-    pub beta2: f64,
+    /// ε (absolute): added to ρ_i (shared-basis), to the statistics before their roots (Shampoo,
+    /// Sketchy, Block Adam, full-matrix Adagrad) or to the root (diagonal methods)
+    /// [default: 1e-6 for matrix methods; PyTorch's for diagonal ones]
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// First-moment decay (Adam, AdamW, Block Adam) or SGD momentum [default: 0.9]
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    /// Statistics decay; 1 is a plain sum [default: 1; rmsprop 0.99; adam, adamw, block-adam
+    /// 0.999]
+    #[arg(long)]
+    pub beta2: Option<f64>,
     /// Seed of the randomized SVD's Gaussian start.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Shampoo, Sketchy: largest block side.
-    #[arg(long, default_value_t = 1024)]
-    pub block_size: usize,
+    /// Shampoo, Sketchy: largest block side; Block Adam: rows per block [default: 1024; Block
+    /// Adam 10]
+    #[arg(long)]
+    pub block_size: Option<usize>,
     /// Shampoo, Sketchy: steps between root recomputations.
     #[arg(long, default_value_t = 1)]
     pub precondition_every: u64,
     /// Shampoo, Sketchy: first (1-based) preconditioned step; before it the direction is -G.
     #[arg(long, default_value_t = 1)]
     pub start_step: u64,
-    /// Print the preconditioner's state bytes.
+    /// Print the method's state bytes.
     #[arg(long)]
     pub print_memory: bool,
 }
 
 impl ReplayArgs {
+    fn eps(&self) -> f64 {
+        self.eps.unwrap_or(self.optimizer.default_eps())
+    }
+
+    fn beta2(&self) -> f64 {
+        self.beta2.unwrap_or(self.optimizer.default_beta2())
+    }
+
     /// The Shampoo configuration these flags describe.
     pub fn shampoo_config(&self) -> ShampooConfig {
         ShampooConfig {
-            block_size: self.block_size,
-            beta2: self.beta2,
-            eps: self.eps,
+            block_size: self.block_size.unwrap_or(1024),
+            beta2: self.beta2(),
+            eps: self.eps(),
             start_step: self.start_step,
             precondition_every: self.precondition_every,
         }
@@ -122,7 +178,46 @@ impl ReplayArgs {
         b: usize,
         m: usize,
     ) -> PrecondResult<Box<dyn Preconditioner<T>>> {
+        let diagonal = |kind: DiagonalKind| DiagonalConfig {
+            kind,
+            beta1: self.beta1,
+            beta2: self.beta2(),
+            eps: self.eps(),
+            ..DiagonalConfig::default()
+        };
         Ok(match self.optimizer {
+            ReplayOptimizer::Sgd => {
+                Box::new(Diagonal::<T>::new(diagonal(DiagonalKind::Sgd), b, m)?)
+            }
+            ReplayOptimizer::Adagrad => {
+                Box::new(Diagonal::<T>::new(diagonal(DiagonalKind::Adagrad), b, m)?)
+            }
+            ReplayOptimizer::Rmsprop => {
+                Box::new(Diagonal::<T>::new(diagonal(DiagonalKind::Rmsprop), b, m)?)
+            }
+            ReplayOptimizer::Adam => {
+                Box::new(Diagonal::<T>::new(diagonal(DiagonalKind::Adam), b, m)?)
+            }
+            ReplayOptimizer::Adamw => {
+                Box::new(Diagonal::<T>::new(diagonal(DiagonalKind::AdamW), b, m)?)
+            }
+            ReplayOptimizer::BlockAdam => {
+                let config = BlockAdamConfig {
+                    block_size: self.block_size.unwrap_or(10),
+                    beta1: self.beta1,
+                    beta2: self.beta2(),
+                    eps: self.eps(),
+                };
+                Box::new(BlockAdam::<T>::new(&config, b, m)?)
+            }
+            ReplayOptimizer::FullAdagrad => {
+                let config = FullMatrixConfig {
+                    eps: self.eps(),
+                    beta2: self.beta2(),
+                    ..FullMatrixConfig::default()
+                };
+                Box::new(FullMatrix::<T>::new(config, b, m)?)
+            }
             ReplayOptimizer::SharedBasis => {
                 Box::new(SharedBasis::<T>::new(self.shared_basis_config(), b, m)?)
             }
@@ -153,8 +248,8 @@ impl ReplayArgs {
             } else {
                 RhoMode::PowerIteration(self.rho_iters)
             },
-            eps: self.eps,
-            beta2: self.beta2,
+            eps: self.eps(),
+            beta2: self.beta2(),
             seed: self.seed,
         }
     }
@@ -234,8 +329,6 @@ pub fn command(args: &ReplayArgs) -> Result<ExitCode, ReplayError> {
 
 /// Reads `args.grads`, replays it, writes `args.out`.
 pub fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
-    // Configuration errors before reading the file.
-    args.build::<f32>(1, 1).map_err(ReplayError::Config)?;
     let g = read_grads(&args.grads)?;
     let (t, b, m) = (g.steps, g.rows, g.blocks);
     let (dirs, state_bytes, precision) = match &g.data {
@@ -446,10 +539,11 @@ mod tests {
             power_iters: 1,
             rho_iters: 10,
             rho_exact: false,
-            eps: 1e-2,
-            beta2: 1.0,
+            eps: Some(1e-2),
+            beta1: 0.9,
+            beta2: None,
             seed: 0,
-            block_size: 1024,
+            block_size: None,
             precondition_every: 1,
             start_step: 1,
             print_memory: false,
@@ -492,7 +586,7 @@ mod tests {
         write_npy(&inp, &g, &[t as u64, b as u64, m as u64], Order::C);
         let report = run(&ReplayArgs {
             optimizer: ReplayOptimizer::Shampoo,
-            eps,
+            eps: Some(eps),
             ..args(inp, out.clone())
         })
         .unwrap();
@@ -507,7 +601,7 @@ mod tests {
         run(&ReplayArgs {
             optimizer: ReplayOptimizer::Sketchy,
             rank: 8,
-            eps,
+            eps: Some(eps),
             ..args(dir.path().join("g.npy"), out.clone())
         })
         .unwrap();
@@ -620,6 +714,48 @@ mod tests {
         eprintln!("max |err| vs exact block Adagrad: f32 input {err32:.2e}, f64 input {err64:.2e}");
     }
 
+    /// Adam through replay (float64 input) equals PyTorch's update before the learning rate,
+    /// −m̂/(√v̂ + ε), computed here in f64; Block Adam with blocks of 1 equals the same with ε
+    /// inside the root, −m̂/√(v̂ + ε).
+    #[test]
+    fn adam_and_block_adam_replays_equal_the_f64_formulas() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, b, m) = (7usize, 4usize, 3usize);
+        let g = gradients(t, b, m, 5);
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+        let (mut mom, mut v) = (vec![0.0; b * m], vec![0.0; b * m]);
+        let (mut adam, mut block) = (Vec::new(), Vec::new());
+        for s in 0..t {
+            let k = (s + 1) as i32;
+            for i in 0..b * m {
+                let x = g[s * b * m + i];
+                mom[i] = b1 * mom[i] + (1.0 - b1) * x;
+                v[i] = b2 * v[i] + (1.0 - b2) * x * x;
+                let (mh, vh) = (mom[i] / (1.0 - b1.powi(k)), v[i] / (1.0 - b2.powi(k)));
+                adam.push(-mh / (vh.sqrt() + eps));
+                block.push(-mh / (vh + eps).sqrt());
+            }
+        }
+        let inp = dir.path().join("g.npy");
+        write_npy(&inp, &g, &[t as u64, b as u64, m as u64], Order::C);
+        for (optimizer, want) in [
+            (ReplayOptimizer::Adam, &adam),
+            (ReplayOptimizer::BlockAdam, &block),
+        ] {
+            let out = dir.path().join("u.npy");
+            run(&ReplayArgs {
+                optimizer,
+                eps: None,
+                block_size: Some(1),
+                ..args(inp.clone(), out.clone())
+            })
+            .unwrap();
+            let err = max_err(&read_f32(&out).1, want);
+            // Directions are O(1); what is left is the f32 rounding of the output.
+            assert!(err <= 1e-6, "{optimizer:?} max error {err}");
+        }
+    }
+
     #[test]
     fn fortran_order_input_is_read_correctly() {
         let dir = tempfile::tempdir().unwrap();
@@ -711,7 +847,7 @@ mod tests {
 
         // A bad configuration is refused before reading.
         let mut a = args(p("full.npy"), p("o2.npy"));
-        a.eps = 0.0;
+        a.eps = Some(0.0);
         assert!(matches!(run(&a), Err(ReplayError::Config(_))));
     }
 

@@ -69,20 +69,23 @@ pub struct TrainSettings {
     /// Run directory [default: runs/<optimizer>-<UTC timestamp>]
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Optimizer preset: adam, shared-basis, shampoo-250, shampoo-1000, sketchy [default: adam]
+    /// Optimizer preset: adam, shared-basis, shampoo-250, shampoo-1000, sketchy, block-adam
+    /// [default: adam]
     #[arg(long)]
     pub optimizer: Option<String>,
     /// Peak learning rate [default: the preset's, see README]
     #[arg(long)]
     pub lr: Option<f64>,
-    /// adam: first-moment decay; shared-basis: momentum [default: 0.9]
+    /// adam, block-adam: first-moment decay; shared-basis, shampoo, sketchy: momentum
+    /// [default: 0.9]
     #[arg(long)]
     pub beta1: Option<f64>,
-    /// adam: second-moment decay [default: 0.999]; shared-basis: statistics decay [default: 1,
-    /// the plain sum of Algorithm 1]
+    /// adam, block-adam: second-moment decay [default: 0.999]; shared-basis, shampoo, sketchy:
+    /// statistics decay [default: 1, the plain sum of Algorithm 1]
     #[arg(long)]
     pub beta2: Option<f64>,
-    /// adam: denominator epsilon [default: 1e-8]; shared-basis: epsilon of eq. 6 [default: 1e-6]
+    /// adam: denominator epsilon; block-adam: added before the inverse root [default: 1e-8];
+    /// shared-basis: epsilon of eq. 6; shampoo, sketchy: added before the roots [default: 1e-6]
     #[arg(long)]
     pub eps: Option<f64>,
     /// Weight decay, coupled (adam: L2 penalty on the gradient) [default: 0]
@@ -100,7 +103,8 @@ pub struct TrainSettings {
     /// shared-basis: power iterations estimating the lost mass rho (0 = exact) [default: 10]
     #[arg(long)]
     pub rho_iters: Option<usize>,
-    /// shampoo, sketchy: largest block side [default: the preset's, 250, 1000 or 1024]
+    /// shampoo, sketchy: largest block side; block-adam: rows per block [default: the preset's,
+    /// 250, 1000, 1024; 10]
     #[arg(long)]
     pub block_size: Option<usize>,
     /// shampoo, sketchy: steps between inverse-root recomputations [default: 10]
@@ -1026,7 +1030,7 @@ mod tests {
         let c = TrainConfig::from_settings(&TrainSettings::default()).unwrap();
         assert_eq!((c.batch_size, c.epochs, c.seed), (1000, 100, 0));
         assert_eq!(c.optimizer.name, "adam");
-        assert_eq!(c.optimizer.lr, 1e-2);
+        assert_eq!(c.optimizer.lr, 3e-4);
         assert_eq!(c.warmup_frac, 0.05);
         assert_eq!(c.data, PathBuf::from(DEFAULT_DATA));
         let bad = TrainSettings {

@@ -5,11 +5,14 @@
 //! optax compose optimizers: a [`preconditioner::Preconditioner`] turns a gradient into a raw
 //! direction; grafting, momentum, weight decay and learning-rate schedules wrap it.
 
+pub mod block_diag;
 #[cfg(feature = "burn")]
 pub mod burn_adapter;
 #[cfg(feature = "burn")]
 pub mod burn_schedule;
+pub mod diagonal;
 pub mod error;
+pub mod full_matrix;
 pub mod graft;
 pub mod linalg;
 pub mod momentum;
@@ -20,6 +23,8 @@ pub mod schedule;
 pub mod shampoo;
 pub mod shared_basis;
 pub mod sketchy;
+#[cfg(test)]
+mod testing;
 pub mod view;
 pub mod weight_decay;
 

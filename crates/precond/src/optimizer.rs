@@ -18,7 +18,10 @@
 //!
 //! [`GraftKind::None`]: crate::graft::GraftKind::None
 
+use crate::block_diag::{BlockAdam, BlockAdamConfig};
+use crate::diagonal::{Diagonal, DiagonalConfig};
 use crate::error::{invalid, PrecondError, Result};
+use crate::full_matrix::{FullMatrix, FullMatrixConfig};
 use crate::graft::{GraftConfig, GraftKind, GraftState};
 use crate::momentum::{MomentumConfig, MomentumState};
 use crate::preconditioner::Preconditioner;
@@ -42,6 +45,19 @@ pub enum Method {
     /// Sketchy (Feinberg et al. 2023): Shampoo with frequent-directions sketches of rank `rank`;
     /// the same advice on `start_preconditioning_step` as Shampoo.
     Sketchy(SketchyConfig),
+    /// Block Adam (AdaBlock, Yun et al. 2022): blocks of `block_size` consecutive rows inside
+    /// each column. Its direction already holds its first moment: use it with grafting `None`
+    /// and momentum β1 = 0 to get Block Adam itself. Elementwise in cost, so 1-D parameters and
+    /// b > `max_block_size` are preconditioned too (a 1-D parameter, b = 1, with block size 1:
+    /// Adam).
+    BlockAdam(BlockAdamConfig),
+    /// The diagonal methods (SGD, Adagrad, RMSprop, Adam, AdamW) with PyTorch's definitions; use
+    /// with grafting `None` and momentum β1 = 0 (and decoupled weight decay for AdamW). Every
+    /// parameter is preconditioned.
+    Diagonal(DiagonalConfig),
+    /// Full-matrix Adagrad over the whole flattened parameter: a reference for small
+    /// parameters (larger ones are a configuration error).
+    FullMatrix(FullMatrixConfig),
     /// No preconditioner: the grafting optimizer alone (e.g. Adam or RMSProp as a baseline).
     GraftOnly,
 }
@@ -108,6 +124,9 @@ impl OptimizerConfig {
             Method::SharedBasis(c) => c.validate()?,
             Method::Shampoo(c) => c.validate()?,
             Method::Sketchy(c) => c.validate()?,
+            Method::BlockAdam(c) => c.validate()?,
+            Method::Diagonal(c) => c.validate()?,
+            Method::FullMatrix(c) => c.validate()?,
             Method::GraftOnly => {}
         }
         self.graft.validate()?;
@@ -137,6 +156,12 @@ pub enum MethodState {
     Shampoo(Shampoo<f32>),
     /// Sketchy's per-block sketches and their frozen copies.
     Sketchy(Sketchy<f32>),
+    /// Block Adam's moments.
+    BlockAdam(BlockAdam<f32>),
+    /// A diagonal method's moments.
+    Diagonal(Diagonal<f32>),
+    /// Full-matrix Adagrad's statistics.
+    FullMatrix(FullMatrix<f32>),
 }
 
 impl Preconditioner<f32> for MethodState {
@@ -145,6 +170,9 @@ impl Preconditioner<f32> for MethodState {
             MethodState::SharedBasis(s) => s.precondition(grad, direction),
             MethodState::Shampoo(s) => s.precondition(grad, direction),
             MethodState::Sketchy(s) => s.precondition(grad, direction),
+            MethodState::BlockAdam(s) => s.precondition(grad, direction),
+            MethodState::Diagonal(s) => s.precondition(grad, direction),
+            MethodState::FullMatrix(s) => s.precondition(grad, direction),
         }
     }
     fn state_bytes(&self) -> usize {
@@ -152,6 +180,9 @@ impl Preconditioner<f32> for MethodState {
             MethodState::SharedBasis(s) => s.state_bytes(),
             MethodState::Shampoo(s) => s.state_bytes(),
             MethodState::Sketchy(s) => s.state_bytes(),
+            MethodState::BlockAdam(s) => s.state_bytes(),
+            MethodState::Diagonal(s) => s.state_bytes(),
+            MethodState::FullMatrix(s) => s.state_bytes(),
         }
     }
     fn steps(&self) -> u64 {
@@ -159,6 +190,9 @@ impl Preconditioner<f32> for MethodState {
             MethodState::SharedBasis(s) => Preconditioner::<f32>::steps(s),
             MethodState::Shampoo(s) => Preconditioner::<f32>::steps(s),
             MethodState::Sketchy(s) => Preconditioner::<f32>::steps(s),
+            MethodState::BlockAdam(s) => Preconditioner::<f32>::steps(s),
+            MethodState::Diagonal(s) => Preconditioner::<f32>::steps(s),
+            MethodState::FullMatrix(s) => Preconditioner::<f32>::steps(s),
         }
     }
     fn is_ready(&self) -> bool {
@@ -166,6 +200,9 @@ impl Preconditioner<f32> for MethodState {
             MethodState::SharedBasis(s) => Preconditioner::<f32>::is_ready(s),
             MethodState::Shampoo(s) => Preconditioner::<f32>::is_ready(s),
             MethodState::Sketchy(s) => Preconditioner::<f32>::is_ready(s),
+            MethodState::BlockAdam(s) => Preconditioner::<f32>::is_ready(s),
+            MethodState::Diagonal(s) => Preconditioner::<f32>::is_ready(s),
+            MethodState::FullMatrix(s) => Preconditioner::<f32>::is_ready(s),
         }
     }
 }
@@ -225,6 +262,32 @@ impl ParamOptimizer<MethodState> {
                     view.rows(),
                     view.blocks(),
                 )?)),
+                Method::BlockAdam(c) => {
+                    // A 1-D parameter (b = 1): every element its own block, i.e. Adam.
+                    let c = if view.rows() == 1 {
+                        BlockAdamConfig {
+                            block_size: 1,
+                            ..c.clone()
+                        }
+                    } else {
+                        c.clone()
+                    };
+                    Ok(MethodState::BlockAdam(BlockAdam::new(
+                        &c,
+                        view.rows(),
+                        view.blocks(),
+                    )?))
+                }
+                Method::Diagonal(c) => Ok(MethodState::Diagonal(Diagonal::new(
+                    *c,
+                    view.rows(),
+                    view.blocks(),
+                )?)),
+                Method::FullMatrix(c) => Ok(MethodState::FullMatrix(FullMatrix::new(
+                    *c,
+                    view.rows(),
+                    view.blocks(),
+                )?)),
                 Method::GraftOnly => Err(invalid("method", "GraftOnly", "has no preconditioner")),
             }
         })
@@ -234,8 +297,9 @@ impl ParamOptimizer<MethodState> {
 impl<P: Preconditioner<f32>> ParamOptimizer<P> {
     /// Like [`ParamOptimizer::new`] with a caller-built preconditioner: `make(view)` is called
     /// only when the parameter is preconditioned, i.e. when `config.method` is not
-    /// [`Method::GraftOnly`] and the parameter is not 1-D, not excluded, and has b ≤
-    /// `max_block_size`. (The method's own config in `config.method` is then not used.)
+    /// [`Method::GraftOnly`], the parameter is not excluded, and (except for the elementwise-cost
+    /// methods BlockAdam and Diagonal) it is not 1-D and has b ≤ `max_block_size`. (The
+    /// method's own config in `config.method` is then not used.)
     pub fn with_preconditioner(
         config: &OptimizerConfig,
         shape: &[usize],
@@ -245,7 +309,10 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
     ) -> Result<Self> {
         config.validate()?;
         let view = ParamView::new(shape, block_axis)?;
-        let falls_back = excluded || view.is_vector() || view.rows() > config.max_block_size;
+        // Elementwise-cost methods take every shape; the others skip vectors and huge blocks.
+        let any_shape = matches!(config.method, Method::BlockAdam(_) | Method::Diagonal(_));
+        let falls_back =
+            excluded || (!any_shape && (view.is_vector() || view.rows() > config.max_block_size));
         let path = if falls_back {
             match config.fallback {
                 Fallback::Graft => ParamPath::Graft,

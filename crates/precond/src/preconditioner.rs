@@ -2,7 +2,7 @@
 //! a raw preconditioned direction out. Grafting, momentum, weight decay and schedules are
 //! applied around it by [`crate::optimizer`], never inside it.
 
-use crate::error::Result;
+use crate::error::{PrecondError, Result};
 use crate::scalar::Scalar;
 use faer::{MatMut, MatRef};
 
@@ -27,4 +27,42 @@ pub trait Preconditioner<T: Scalar>: Send {
     fn is_ready(&self) -> bool {
         true
     }
+}
+
+/// Refuses an empty (b, m) view: the constructors' shape check.
+pub fn check_view(b: usize, m: usize) -> Result<()> {
+    if b == 0 || m == 0 {
+        return Err(PrecondError::ShapeMismatch {
+            expected: "a non-empty (b, m) view".into(),
+            got: format!("({b}, {m})"),
+        });
+    }
+    Ok(())
+}
+
+/// `grad` and `direction` (given as their shapes) must both be (b, m).
+pub fn check_shapes(
+    grad: (usize, usize),
+    direction: (usize, usize),
+    b: usize,
+    m: usize,
+) -> Result<()> {
+    for (name, shape) in [("gradient", grad), ("direction", direction)] {
+        if shape != (b, m) {
+            return Err(PrecondError::ShapeMismatch {
+                expected: format!("{name} of shape ({b}, {m})"),
+                got: format!("({}, {})", shape.0, shape.1),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A gradient holding NaN or ∞ is refused before any state changes (`step` is the 1-based step
+/// it would have been).
+pub fn check_finite<T: Scalar>(grad: MatRef<'_, T>, step: u64) -> Result<()> {
+    if !grad.col_iter().all(|col| col.iter().all(|v| v.is_finite())) {
+        return Err(PrecondError::NonFiniteGradient { step, param: None });
+    }
+    Ok(())
 }

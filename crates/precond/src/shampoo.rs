@@ -36,7 +36,7 @@
 
 use crate::error::{invalid, PrecondError, Result};
 use crate::linalg::{gemm, par_layer, symmetrize, SymEig};
-use crate::preconditioner::Preconditioner;
+use crate::preconditioner::{check_finite, check_shapes, check_view, Preconditioner};
 use crate::scalar::Scalar;
 use faer::reborrow::ReborrowMut;
 use faer::{Mat, MatMut, MatRef, Par};
@@ -349,12 +349,7 @@ impl<T: Scalar> Shampoo<T> {
     /// New state for a (b, m) parameter view.
     pub fn new(config: &ShampooConfig, b: usize, m: usize) -> Result<Self> {
         config.validate()?;
-        if b == 0 || m == 0 {
-            return Err(PrecondError::ShapeMismatch {
-                expected: "a non-empty (b, m) view".into(),
-                got: format!("({b}, {m})"),
-            });
-        }
+        check_view(b, m)?;
         let row_pieces = pieces(b, config.block_size);
         let blocks = pieces(m, config.block_size)
             .into_iter()
@@ -466,23 +461,13 @@ impl<T: Scalar> Preconditioner<T> for Shampoo<T> {
 
     fn precondition(&mut self, grad: MatRef<'_, T>, mut direction: MatMut<'_, T>) -> Result<()> {
         let (b, m) = (self.rows, self.cols);
-        for (name, r, c) in [
-            ("gradient", grad.nrows(), grad.ncols()),
-            ("direction", direction.nrows(), direction.ncols()),
-        ] {
-            if (r, c) != (b, m) {
-                return Err(PrecondError::ShapeMismatch {
-                    expected: format!("{name} of shape ({b}, {m})"),
-                    got: format!("({r}, {c})"),
-                });
-            }
-        }
-        if !grad.col_iter().all(|col| col.iter().all(|v| v.is_finite())) {
-            return Err(PrecondError::NonFiniteGradient {
-                step: self.step + 1,
-                param: None,
-            });
-        }
+        check_shapes(
+            (grad.nrows(), grad.ncols()),
+            (direction.nrows(), direction.ncols()),
+            b,
+            m,
+        )?;
+        check_finite(grad, self.step + 1)?;
         self.check_layout()?;
         let t = self.step + 1;
 
@@ -567,6 +552,7 @@ mod tests {
     #![allow(clippy::needless_range_loop)]
 
     use super::*;
+    use crate::testing::{jacobi_eig, transpose};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use rand_distr::{Distribution, StandardNormal};
@@ -602,59 +588,6 @@ mod tests {
         Mat::from_fn(a.nrows(), b.ncols(), |i, j| {
             (0..a.ncols()).map(|k| a[(i, k)] * b[(k, j)]).sum()
         })
-    }
-
-    fn transpose(a: &Mat<f64>) -> Mat<f64> {
-        Mat::from_fn(a.ncols(), a.nrows(), |i, j| a[(j, i)])
-    }
-
-    /// Eigenvalues and eigenvectors of a symmetric matrix by cyclic Jacobi rotations.
-    fn jacobi_eig(a: &Mat<f64>) -> (Vec<f64>, Mat<f64>) {
-        let n = a.nrows();
-        let mut a = Mat::from_fn(n, n, |i, j| 0.5 * (a[(i, j)] + a[(j, i)]));
-        let mut v = Mat::<f64>::from_fn(n, n, |i, j| if i == j { 1.0 } else { 0.0 });
-        let total: f64 = (0..n)
-            .flat_map(|i| (0..n).map(move |j| (i, j)))
-            .map(|(i, j)| a[(i, j)] * a[(i, j)])
-            .sum();
-        for _sweep in 0..100 {
-            let off: f64 = (0..n)
-                .flat_map(|i| (0..n).map(move |j| (i, j)))
-                .filter(|&(i, j)| i != j)
-                .map(|(i, j)| a[(i, j)] * a[(i, j)])
-                .sum();
-            if off <= 1e-32 * total {
-                break;
-            }
-            for p in 0..n {
-                for q in (p + 1)..n {
-                    let apq = a[(p, q)];
-                    if apq == 0.0 {
-                        continue;
-                    }
-                    let theta = (a[(q, q)] - a[(p, p)]) / (2.0 * apq);
-                    let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-                    let c = 1.0 / (t * t + 1.0).sqrt();
-                    let s = t * c;
-                    for k in 0..n {
-                        let (akp, akq) = (a[(k, p)], a[(k, q)]);
-                        a[(k, p)] = c * akp - s * akq;
-                        a[(k, q)] = s * akp + c * akq;
-                    }
-                    for k in 0..n {
-                        let (apk, aqk) = (a[(p, k)], a[(q, k)]);
-                        a[(p, k)] = c * apk - s * aqk;
-                        a[(q, k)] = s * apk + c * aqk;
-                    }
-                    for k in 0..n {
-                        let (vkp, vkq) = (v[(k, p)], v[(k, q)]);
-                        v[(k, p)] = c * vkp - s * vkq;
-                        v[(k, q)] = s * vkp + c * vkq;
-                    }
-                }
-            }
-        }
-        ((0..n).map(|i| a[(i, i)]).collect(), v)
     }
 
     /// (S + εI)^{−1/4} with eigenvalues clamped at 0, by Jacobi in f64.

@@ -36,7 +36,7 @@
 
 use crate::error::{invalid, PrecondError, Result};
 use crate::linalg::{gemm, par_layer, symmetrize, thin_q, SymEig};
-use crate::preconditioner::Preconditioner;
+use crate::preconditioner::{check_finite, check_shapes, check_view, Preconditioner};
 use crate::scalar::Scalar;
 use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Mat, MatMut, MatRef, Par};
@@ -273,12 +273,7 @@ impl<T: Scalar> SharedBasis<T> {
     /// New state for a (b, m) = (`rows`, `blocks`) parameter view.
     pub fn new(config: SharedBasisConfig, rows: usize, blocks: usize) -> Result<Self> {
         config.validate()?;
-        if rows == 0 || blocks == 0 {
-            return Err(PrecondError::ShapeMismatch {
-                expected: "a non-empty (b, m) view".into(),
-                got: format!("({rows}, {blocks})"),
-            });
-        }
+        check_view(rows, blocks)?;
         let rank = config.rank.min(rows);
         let sketch = (rank + config.oversample).min(rows);
         Ok(Self {
@@ -823,23 +818,13 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
 impl<T: Scalar> Preconditioner<T> for SharedBasis<T> {
     fn precondition(&mut self, grad: MatRef<'_, T>, mut direction: MatMut<'_, T>) -> Result<()> {
         let (b, m, k) = (self.rows, self.blocks, self.rank);
-        for (name, r, c) in [
-            ("gradient", grad.nrows(), grad.ncols()),
-            ("direction", direction.nrows(), direction.ncols()),
-        ] {
-            if (r, c) != (b, m) {
-                return Err(PrecondError::ShapeMismatch {
-                    expected: format!("{name} of shape ({b}, {m})"),
-                    got: format!("({r}, {c})"),
-                });
-            }
-        }
-        if !grad.col_iter().all(|col| col.iter().all(|v| v.is_finite())) {
-            return Err(PrecondError::NonFiniteGradient {
-                step: self.step + 1,
-                param: None,
-            });
-        }
+        check_shapes(
+            (grad.nrows(), grad.ncols()),
+            (direction.nrows(), direction.ncols()),
+            b,
+            m,
+        )?;
+        check_finite(grad, self.step + 1)?;
         self.ensure_workspace();
         let has_basis = self.step > 0;
         let beta2 = self.config.beta2;
