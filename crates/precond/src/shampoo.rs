@@ -107,7 +107,7 @@ impl ShampooConfig {
 }
 
 /// Consecutive pieces (start, len) of `0..n`, each at most `size` long.
-fn pieces(n: usize, size: usize) -> Vec<(usize, usize)> {
+pub(crate) fn pieces(n: usize, size: usize) -> Vec<(usize, usize)> {
     (0..n)
         .step_by(size)
         .map(|start| (start, size.min(n - start)))
@@ -552,53 +552,7 @@ mod tests {
     #![allow(clippy::needless_range_loop)]
 
     use super::*;
-    use crate::testing::{jacobi_eig, transpose};
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
-    use rand_distr::{Distribution, StandardNormal};
-
-    /// Seeded (b, m) gradients with a per-step scale 10^{U(−decades, decades)}, rounded to `T`
-    /// so that the f64 oracle sees exactly the gradients the method sees.
-    fn gradients<T: Scalar>(
-        b: usize,
-        m: usize,
-        steps: usize,
-        decades: f64,
-        seed: u64,
-    ) -> Vec<Mat<T>> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..steps)
-            .map(|_| {
-                let scale = 10f64.powf(rng.random_range(-decades..=decades));
-                Mat::from_fn(b, m, |_, _| {
-                    let z: f64 = StandardNormal.sample(&mut rng);
-                    T::of(scale * z)
-                })
-            })
-            .collect()
-    }
-
-    fn to_f64<T: Scalar>(a: MatRef<'_, T>) -> Mat<f64> {
-        Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)].f64())
-    }
-
-    /// Naive product (independent of faer's GEMM).
-    fn mul(a: &Mat<f64>, b: &Mat<f64>) -> Mat<f64> {
-        assert_eq!(a.ncols(), b.nrows());
-        Mat::from_fn(a.nrows(), b.ncols(), |i, j| {
-            (0..a.ncols()).map(|k| a[(i, k)] * b[(k, j)]).sum()
-        })
-    }
-
-    /// (S + εI)^{−1/4} with eigenvalues clamped at 0, by Jacobi in f64.
-    fn oracle_root(s: &Mat<f64>, eps: f64) -> Mat<f64> {
-        let (vals, vecs) = jacobi_eig(s);
-        let n = s.nrows();
-        let scaled = Mat::from_fn(n, n, |i, j| {
-            vecs[(i, j)] * (vals[j].max(0.0) + eps).powf(-0.25)
-        });
-        mul(&scaled, &transpose(&vecs))
-    }
+    use crate::testing::{gradients, jacobi_eig, mul, oracle_root, to_f64, transpose};
 
     /// Single-block Shampoo in f64 with the given schedule: L, R as EMA (β2 < 1) or sums,
     /// roots recomputed on `is_root_step`. Returns the direction of every step (−G while no

@@ -49,6 +49,7 @@ use crate::error::{invalid, PrecondError, Result};
 use crate::linalg::{gemm, par_layer, thin_q, SymEig};
 use crate::preconditioner::{check_finite, check_shapes, check_view, Preconditioner};
 use crate::scalar::Scalar;
+use crate::shampoo::pieces;
 use faer::reborrow::ReborrowMut;
 use faer::{Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
@@ -120,14 +121,6 @@ impl SketchyConfig {
     fn is_root_step(&self, t: u64) -> bool {
         t >= self.start_step && (t - self.start_step) % self.precondition_every == 0
     }
-}
-
-/// Consecutive pieces (start, len) of `0..n`, each at most `size` long.
-fn pieces(n: usize, size: usize) -> Vec<(usize, usize)> {
-    (0..n)
-        .step_by(size)
-        .map(|start| (start, size.min(n - start)))
-        .collect()
 }
 
 /// max(v, 0).
@@ -732,53 +725,7 @@ mod tests {
 
     use super::*;
     use crate::shampoo::{Shampoo, ShampooConfig};
-    use crate::testing::{jacobi_eig, transpose};
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
-    use rand_distr::{Distribution, StandardNormal};
-
-    /// Seeded (b, m) gradients with a per-step scale 10^{U(−decades, decades)}, rounded to `T`
-    /// so that the f64 oracle sees exactly the gradients the method sees.
-    fn gradients<T: Scalar>(
-        b: usize,
-        m: usize,
-        steps: usize,
-        decades: f64,
-        seed: u64,
-    ) -> Vec<Mat<T>> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..steps)
-            .map(|_| {
-                let scale = 10f64.powf(rng.random_range(-decades..=decades));
-                Mat::from_fn(b, m, |_, _| {
-                    let z: f64 = StandardNormal.sample(&mut rng);
-                    T::of(scale * z)
-                })
-            })
-            .collect()
-    }
-
-    fn to_f64<T: Scalar>(a: MatRef<'_, T>) -> Mat<f64> {
-        Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)].f64())
-    }
-
-    /// Naive product (independent of faer's GEMM).
-    fn mul(a: &Mat<f64>, b: &Mat<f64>) -> Mat<f64> {
-        assert_eq!(a.ncols(), b.nrows());
-        Mat::from_fn(a.nrows(), b.ncols(), |i, j| {
-            (0..a.ncols()).map(|k| a[(i, k)] * b[(k, j)]).sum()
-        })
-    }
-
-    /// (S + shift·I)^{−1/4} with eigenvalues clamped at 0, by Jacobi in f64.
-    fn oracle_root(s: &Mat<f64>, shift: f64) -> Mat<f64> {
-        let (vals, vecs) = jacobi_eig(s);
-        let n = s.nrows();
-        let scaled = Mat::from_fn(n, n, |i, j| {
-            vecs[(i, j)] * (vals[j].max(0.0) + shift).powf(-0.25)
-        });
-        mul(&scaled, &transpose(&vecs))
-    }
+    use crate::testing::{gradients, jacobi_eig, mul, oracle_root, to_f64, transpose};
 
     /// An explicit d × d FD sketch S and escaped mass ρ (f64).
     #[derive(Clone)]

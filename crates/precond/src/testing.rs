@@ -1,7 +1,11 @@
 //! Test-only f64 oracles shared by the methods' tests: an eigensolver independent of faer's
 //! (cyclic Jacobi rotations) and small dense helpers.
 
-use faer::Mat;
+use crate::scalar::Scalar;
+use faer::{Mat, MatRef};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
 
 /// Aᵀ as a new matrix.
 pub fn transpose(a: &Mat<f64>) -> Mat<f64> {
@@ -71,4 +75,47 @@ pub fn jacobi_eigen_rows(a: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
         .map(|r| (0..n).map(|k| vectors[(r, k)]).collect())
         .collect();
     (values, rows)
+}
+
+/// Seeded (b, m) gradients with a per-step scale 10^{U(−decades, decades)}, rounded to `T`
+/// so that the f64 oracle sees exactly the gradients the method sees.
+pub fn gradients<T: Scalar>(
+    b: usize,
+    m: usize,
+    steps: usize,
+    decades: f64,
+    seed: u64,
+) -> Vec<Mat<T>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..steps)
+        .map(|_| {
+            let scale = 10f64.powf(rng.random_range(-decades..=decades));
+            Mat::from_fn(b, m, |_, _| {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                T::of(scale * z)
+            })
+        })
+        .collect()
+}
+
+pub fn to_f64<T: Scalar>(a: MatRef<'_, T>) -> Mat<f64> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)].f64())
+}
+
+/// Naive product (independent of faer's GEMM).
+pub fn mul(a: &Mat<f64>, b: &Mat<f64>) -> Mat<f64> {
+    assert_eq!(a.ncols(), b.nrows());
+    Mat::from_fn(a.nrows(), b.ncols(), |i, j| {
+        (0..a.ncols()).map(|k| a[(i, k)] * b[(k, j)]).sum()
+    })
+}
+
+/// (S + εI)^{−1/4} with eigenvalues clamped at 0, by Jacobi in f64.
+pub fn oracle_root(s: &Mat<f64>, eps: f64) -> Mat<f64> {
+    let (vals, vecs) = jacobi_eig(s);
+    let n = s.nrows();
+    let scaled = Mat::from_fn(n, n, |i, j| {
+        vecs[(i, j)] * (vals[j].max(0.0) + eps).powf(-0.25)
+    });
+    mul(&scaled, &transpose(&vecs))
 }
