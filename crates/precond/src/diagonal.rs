@@ -383,31 +383,12 @@ mod tests {
     //! Tests against a plain f64 oracle of each `torch.optim` formula on nested vectors.
 
     use super::*;
+    use crate::testing::flat_gradients;
     use faer::Mat;
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
-    use rand_distr::{Distribution, StandardNormal};
 
     const B: usize = 7;
     const M: usize = 3;
     const STEPS: usize = 50;
-
-    /// Gradients `g[t]` as flat column-major b·m vectors, with a per-step scale over 10^±1,
-    /// rounded to f32 so that both precisions see the same values.
-    fn gradients(n: usize, steps: usize, seed: u64) -> Vec<Vec<f64>> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..steps)
-            .map(|_| {
-                let scale = 10f64.powf(rng.random_range(-1.0..=1.0));
-                (0..n)
-                    .map(|_| {
-                        let x: f64 = StandardNormal.sample(&mut rng);
-                        (scale * x) as f32 as f64
-                    })
-                    .collect()
-            })
-            .collect()
-    }
 
     /// The torch update of every step in plain f64, written from the formulas in the docs.
     fn oracle(c: &DiagonalConfig, grads: &[Vec<f64>]) -> Vec<Vec<f64>> {
@@ -566,7 +547,7 @@ mod tests {
 
     #[test]
     fn every_kind_matches_torch_oracle_over_50_steps() {
-        let grads = gradients(B * M, STEPS, 11);
+        let grads = flat_gradients(B * M, STEPS, 11);
         for (name, c) in configs() {
             let e64 = run::<f64>(&c, &grads);
             let e32 = run::<f32>(&c, &grads);
@@ -578,7 +559,7 @@ mod tests {
 
     #[test]
     fn adamw_is_adam_plus_a_decay_for_the_caller() {
-        let grads = gradients(B * M, 10, 3);
+        let grads = flat_gradients(B * M, 10, 3);
         let adamw_config = DiagonalConfig {
             kind: DiagonalKind::AdamW,
             weight_decay: 0.05,
@@ -599,7 +580,7 @@ mod tests {
 
     #[test]
     fn strided_gradient_views_are_read_correctly() {
-        let grads = gradients(B * M, 5, 4);
+        let grads = flat_gradients(B * M, 5, 4);
         let c = DiagonalConfig::default();
         let mut a = Diagonal::<f64>::new(c, B, M).unwrap();
         let mut b = Diagonal::<f64>::new(c, B, M).unwrap();
@@ -804,7 +785,7 @@ mod tests {
 
     #[test]
     fn non_finite_gradient_leaves_state_unchanged() {
-        let grads = gradients(B * M, 6, 5);
+        let grads = flat_gradients(B * M, 6, 5);
         for (name, c) in configs() {
             let mut a = Diagonal::<f32>::new(c, B, M).unwrap();
             let mut fresh = Diagonal::<f32>::new(c, B, M).unwrap();
@@ -844,7 +825,7 @@ mod tests {
 
     #[test]
     fn serde_round_trip_continues_bitwise() {
-        let grads = gradients(B * M, 8, 6);
+        let grads = flat_gradients(B * M, 8, 6);
         for (name, c) in configs() {
             let mut a = Diagonal::<f32>::new(c, B, M).unwrap();
             let mut da = Mat::<f32>::zeros(B, M);

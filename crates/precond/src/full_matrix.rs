@@ -315,10 +315,8 @@ mod tests {
 
     use super::*;
     use crate::block_diag::{BlockAdam, BlockAdamConfig};
+    use crate::testing::flat_gradients;
     use crate::testing::jacobi_eigen_rows;
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
-    use rand_distr::{Distribution, StandardNormal};
 
     /// One step of the oracle: the direction and the eigendecomposition of H_t.
     struct OracleStep {
@@ -363,23 +361,6 @@ mod tests {
                     }
                 }
                 OracleStep { u, vals, vecs }
-            })
-            .collect()
-    }
-
-    /// Flat column-major gradients of n entries with a per-step scale over 10^±1, rounded to
-    /// f32 so that both precisions see the same values.
-    fn gradients(n: usize, steps: usize, seed: u64) -> Vec<Vec<f64>> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..steps)
-            .map(|_| {
-                let scale = 10f64.powf(rng.random_range(-1.0..=1.0));
-                (0..n)
-                    .map(|_| {
-                        let x: f64 = StandardNormal.sample(&mut rng);
-                        (scale * x) as f32 as f64
-                    })
-                    .collect()
             })
             .collect()
     }
@@ -497,7 +478,7 @@ mod tests {
     #[test]
     fn matches_oracle_over_20_steps() {
         let (b, m) = (4, 3);
-        let grads = gradients(b * m, 20, 21);
+        let grads = flat_gradients(b * m, 20, 21);
         for (name, config) in [
             ("sum (beta2 = 1)", FullMatrixConfig::default()),
             (
@@ -530,7 +511,7 @@ mod tests {
     fn single_column_is_block_diagonal_adagrad_of_that_column() {
         let b = 6;
         let config = FullMatrixConfig::default();
-        let grads = gradients(b, 20, 22);
+        let grads = flat_gradients(b, 20, 22);
         let want = oracle(&config, &grads);
         let e64 = run::<f64>(config, b, 1, &grads, &want);
         let e32 = run::<f32>(config, b, 1, &grads, &want);
@@ -562,7 +543,7 @@ mod tests {
 
         // With m > 1 the columns are coupled: per-column Adagrad is a different method.
         let (b, m) = (4, 3);
-        let grads = gradients(b * m, 5, 23);
+        let grads = flat_gradients(b * m, 5, 23);
         let want = oracle(&config, &grads);
         let per_column: Vec<Vec<f64>> = {
             let cols: Vec<Vec<OracleStep>> = (0..m)
@@ -728,7 +709,7 @@ mod tests {
     #[test]
     fn non_finite_gradient_leaves_state_unchanged() {
         let (b, m) = (4, 3);
-        let grads = gradients(b * m, 6, 24);
+        let grads = flat_gradients(b * m, 6, 24);
         let mut bad = to_mat::<f64>(&grads[3], b, m);
         bad[(2, 1)] = f64::NAN;
         refused_step_leaves_state_unchanged(&grads, 3, bad, |e| {
@@ -743,7 +724,7 @@ mod tests {
     fn failed_eigendecomposition_leaves_state_unchanged() {
         // 1e20² overflows f32: H becomes infinite and the step must fail.
         let (b, m) = (4, 3);
-        let grads = gradients(b * m, 5, 25);
+        let grads = flat_gradients(b * m, 5, 25);
         let mut huge = to_mat::<f32>(&grads[2], b, m);
         huge[(1, 1)] = 1e20;
         refused_step_leaves_state_unchanged(&grads, 2, huge, |e| {
@@ -758,7 +739,7 @@ mod tests {
             beta2: 0.95,
             ..Default::default()
         };
-        let grads = gradients(b * m, 8, 26);
+        let grads = flat_gradients(b * m, 8, 26);
         let mut a = FullMatrix::<f32>::new(config, b, m).unwrap();
         let mut da = Mat::<f32>::zeros(b, m);
         for g in &grads[..4] {

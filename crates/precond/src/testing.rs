@@ -119,3 +119,20 @@ pub fn oracle_root(s: &Mat<f64>, eps: f64) -> Mat<f64> {
     });
     mul(&scaled, &transpose(&vecs))
 }
+
+/// Gradients `g[t]` as flat column-major vectors of `n` entries, with a per-step scale over
+/// 10^±1, rounded to f32 so that both precisions see the same values.
+pub fn flat_gradients(n: usize, steps: usize, seed: u64) -> Vec<Vec<f64>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..steps)
+        .map(|_| {
+            let scale = 10f64.powf(rng.random_range(-1.0..=1.0));
+            (0..n)
+                .map(|_| {
+                    let x: f64 = StandardNormal.sample(&mut rng);
+                    (scale * x) as f32 as f64
+                })
+                .collect()
+        })
+        .collect()
+}
