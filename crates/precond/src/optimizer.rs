@@ -48,7 +48,7 @@ pub enum Method {
     /// Block Adam (AdaBlock, Yun et al. 2022): blocks of `block_size` consecutive rows inside
     /// each column. Its direction already holds its first moment: use it with grafting `None`
     /// and momentum β1 = 0 to get Block Adam itself. Elementwise in cost, so 1-D parameters and
-    /// b > `max_block_size` are preconditioned too (a 1-D parameter, b = 1, with block size 1:
+    /// b > `max_block_size` are preconditioned too (a 1-D parameter, b = 1, is one chunk of one row:
     /// Adam).
     BlockAdam(BlockAdamConfig),
     /// The diagonal methods (SGD, Adagrad, RMSprop, Adam, AdamW) with PyTorch's definitions; use
@@ -60,6 +60,16 @@ pub enum Method {
     FullMatrix(FullMatrixConfig),
     /// No preconditioner: the grafting optimizer alone (e.g. Adam or RMSProp as a baseline).
     GraftOnly,
+}
+
+impl Method {
+    /// Whether the method's cost is elementwise in the parameter's size (Block Adam, diagonal),
+    /// so that 1-D parameters and b > `max_block_size` are preconditioned too instead of taking
+    /// the fallback path. (A 1-D parameter is a (1, n) view: Block Adam's single chunk of one row
+    /// is Adam with ε inside the root.)
+    pub fn takes_every_shape(&self) -> bool {
+        matches!(self, Method::BlockAdam(_) | Method::Diagonal(_))
+    }
 }
 
 impl Default for Method {
@@ -262,22 +272,11 @@ impl ParamOptimizer<MethodState> {
                     view.rows(),
                     view.blocks(),
                 )?)),
-                Method::BlockAdam(c) => {
-                    // A 1-D parameter (b = 1): every element its own block, i.e. Adam.
-                    let c = if view.rows() == 1 {
-                        BlockAdamConfig {
-                            block_size: 1,
-                            ..c.clone()
-                        }
-                    } else {
-                        c.clone()
-                    };
-                    Ok(MethodState::BlockAdam(BlockAdam::new(
-                        &c,
-                        view.rows(),
-                        view.blocks(),
-                    )?))
-                }
+                Method::BlockAdam(c) => Ok(MethodState::BlockAdam(BlockAdam::new(
+                    c,
+                    view.rows(),
+                    view.blocks(),
+                )?)),
                 Method::Diagonal(c) => Ok(MethodState::Diagonal(Diagonal::new(
                     *c,
                     view.rows(),
