@@ -1040,6 +1040,15 @@ mod tests {
         assert!(TrainConfig::from_settings(&bad).is_err());
     }
 
+    /// Continues the run in `dir` from its checkpoint to its last epoch.
+    fn resume_to_the_end(dir: &Path) -> RunResult {
+        let args = TrainArgs {
+            resume: Some(dir.to_path_buf()),
+            ..Default::default()
+        };
+        run(&args, &AtomicBool::new(false)).unwrap()
+    }
+
     /// MNIST when present (the real files), else a synthetic fixture written into `tmp`.
     fn data_dir(tmp: &Path) -> PathBuf {
         let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mnist");
@@ -1144,14 +1153,7 @@ mod tests {
         let err = run(&changed, &no_stop).unwrap_err().to_string();
         assert!(err.contains("settings differ"), "{err}");
 
-        let resumed = run(
-            &TrainArgs {
-                resume: Some(part.out.clone()),
-                ..Default::default()
-            },
-            &no_stop,
-        )
-        .unwrap();
+        let resumed = resume_to_the_end(&part.out);
         assert!(resumed.summary.complete);
         assert_eq!(resumed.summary.steps, straight.summary.steps);
         assert_eq!(
@@ -1187,14 +1189,7 @@ mod tests {
         assert_eq!(part.summary.ending, Ending::Interrupted);
         assert_eq!((part.summary.steps, part.summary.epochs), (1, 0));
         assert!(part.out.join("summary.json").is_file());
-        let resumed = run(
-            &TrainArgs {
-                resume: Some(part.out.clone()),
-                ..Default::default()
-            },
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+        let resumed = resume_to_the_end(&part.out);
         assert_eq!(
             resumed.summary.params_sha256,
             straight.summary.params_sha256
@@ -1241,14 +1236,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(part.summary.steps, 1);
-        let resumed = run(
-            &TrainArgs {
-                resume: Some(part.out.clone()),
-                ..Default::default()
-            },
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+        let resumed = resume_to_the_end(&part.out);
         assert_eq!(
             resumed.summary.params_sha256,
             straight.summary.params_sha256
