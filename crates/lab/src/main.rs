@@ -1,6 +1,7 @@
 //! `precond`: the command line of the precond project (benchmarks, replay, reports).
 
 mod autoencoder;
+mod bench;
 mod compare;
 mod mnist;
 mod optimizers;
@@ -37,6 +38,9 @@ enum Command {
     Compare(CompareTask),
     /// Markdown table (as the paper's Table 2) and loss plots of run directories
     Report(report::ReportArgs),
+    /// Time training steps and optimizer steps of every optimizer in one process
+    #[command(subcommand)]
+    Bench(bench::BenchTask),
     /// Replay a (T, b, m) gradient .npy through a preconditioner; saves the raw directions u_t
     /// (θ_{t+1} = θ_t + lr·u_t)
     #[command(long_about = replay::LONG_ABOUT)]
@@ -93,6 +97,21 @@ fn main() -> ExitCode {
         }
         Command::Report(args) => report::cli(&args)
             .map(|()| ExitCode::SUCCESS)
+            .map_err(Into::into),
+        Command::Bench(bench::BenchTask::Step(args)) => bench::step(&args)
+            .map(|report| {
+                println!("{}", bench::step_table(&report));
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
+        Command::Bench(bench::BenchTask::Optim(args)) => bench::optim(&args)
+            .map(|report| {
+                println!("{}", bench::optim_table(&report));
+                if !args.no_scaling {
+                    println!("scaling curves: {}", args.out.display());
+                }
+                ExitCode::SUCCESS
+            })
             .map_err(Into::into),
         Command::Replay(args) => replay::command(&args).map_err(Into::into),
     };

@@ -33,7 +33,7 @@ use thiserror::Error;
 /// Size of the PNG plots in pixels (the SVGs use the same user units).
 pub const PLOT_SIZE: (u32, u32) = (960, 600);
 /// The font family name the plots use (registered from the `dejavu` crate).
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
 #[derive(Debug, Error)]
 pub enum ReportError {
@@ -375,7 +375,7 @@ pub fn markdown_table(runs: &[Run], labels: &[String]) -> String {
 }
 
 /// Register DejaVu Sans (from the `dejavu` crate) as plotters' `sans-serif`, once.
-fn register_font() {
+pub(crate) fn register_font() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         // DejaVu Sans is a valid TrueType font, so registration cannot fail in practice;

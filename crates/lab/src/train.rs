@@ -447,7 +447,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    fn detect() -> Machine {
+    pub fn detect() -> Machine {
         let cpu_model = fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("model name"))
