@@ -699,23 +699,32 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
             sc.tilde.fill(T::zero());
         }
         let gamma = self.grad_scale * self.grad_scale;
-        for col in 0..k {
-            for row in 0..k {
-                sc.tilde[(row, col)] += gamma * c[row] * c[col];
-            }
-        }
+        let c_mat = c.as_mat();
+        gemm(
+            sc.tilde.as_mut(),
+            true,
+            c_mat,
+            c_mat.transpose(),
+            gamma,
+            Par::Seq,
+        );
         symmetrize(sc.tilde.as_mut());
         // Step 4: R_i = R̃_i − λ_min I = V diag(λ − λ_min) Vᵀ.
         if !sc.eig.compute(sc.tilde.as_ref()) {
             return false;
         }
         let lambda_min = sc.eig.value(0);
-        for j in 0..k {
+        for (j, (mut dst, src)) in sc
+            .tmp
+            .as_mut()
+            .col_iter_mut()
+            .zip(sc.eig.vectors.col_iter())
+            .enumerate()
+        {
             let l = sc.eig.value(j) - lambda_min;
             let l = if l > T::zero() { l } else { T::zero() };
-            for row in 0..k {
-                sc.tmp[(row, j)] = sc.eig.vectors[(row, j)] * l;
-            }
+            dst.copy_from(src);
+            dst *= faer::Scale(l);
         }
         gemm(
             r_new.rb_mut(),
@@ -800,16 +809,31 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         // stored as that k-vector; the caller forms −B·coef − c^{−1/2} g_i with one GEMM.
         let shift = rho + self.eps;
         let iso = T::one() / shift.sqrt();
-        for j in 0..k {
-            let proj = (0..k).fold(T::zero(), |acc, r| acc + sc.eig.vectors[(r, j)] * c[r]);
+        // w = diag((l + c)^{−1/2} − c^{−1/2}) Vᵀ c_i, then dir_coef = V w.
+        {
+            let proj = MatMut::from_column_major_slice_mut(&mut sc.w, k, 1);
+            gemm(
+                proj,
+                false,
+                sc.eig.vectors.transpose(),
+                c_mat,
+                T::one(),
+                Par::Seq,
+            );
+        }
+        for (j, w) in sc.w.iter_mut().enumerate() {
             let l = sc.eig.value(j) - lambda_min;
             let l = if l > T::zero() { l } else { T::zero() };
-            sc.w[j] = proj * (T::one() / (l + shift).sqrt() - iso);
+            *w *= T::one() / (l + shift).sqrt() - iso;
         }
-        for r in 0..k {
-            dir_coef[(r, 0)] =
-                (0..k).fold(T::zero(), |acc, j| acc + sc.eig.vectors[(r, j)] * sc.w[j]);
-        }
+        gemm(
+            dir_coef.rb_mut(),
+            false,
+            sc.eig.vectors.as_ref(),
+            col(&sc.w),
+            T::one(),
+            Par::Seq,
+        );
         *iso_scale = iso;
         true
     }
