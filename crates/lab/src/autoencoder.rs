@@ -61,7 +61,7 @@ impl Autoencoder {
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(x);
             if i != last && i != CODE_LAYER {
-                x = x.tanh();
+                x = crate::fastmath::tanh(x);
             }
         }
         x
@@ -112,8 +112,7 @@ pub fn sigmoid_cross_entropy(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1>
 
 /// The same loss summed over the batch too (for evaluation in batches).
 pub fn sigmoid_cross_entropy_sum(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
-    let stable = logits.clone().abs().neg().exp().log1p();
-    (logits.clone().clamp_min(0.0) - logits * targets + stable).sum()
+    crate::fastmath::sigmoid_cross_entropy_sum(logits, targets)
 }
 
 #[cfg(test)]

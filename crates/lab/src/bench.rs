@@ -379,7 +379,7 @@ fn layer_config(name: &str, rank: Option<usize>) -> Result<OptimizerConfig, Benc
 /// direction; W has up to 2k columns) — 24·b·m·k — plus Σ R_i R_iᵀ and the per-block
 /// Q R Qᵀ (2·m·k³ + 4·m·k³).
 fn shared_basis_gemm_flops(b: usize, m: usize, k: usize) -> f64 {
-    let (b, m, k) = (b as f64, m as f64, k.min(b as usize) as f64);
+    let (b, m, k) = (b as f64, m as f64, k.min(b) as f64);
     24.0 * b * m * k + 6.0 * m * k * k * k
 }
 
@@ -533,7 +533,9 @@ fn scaling(args: &OptimArgs, reps: usize) -> Result<Vec<OptimResult>, BenchError
     } else {
         &[8, 16, 32, 64, 128]
     };
-    let axes: [(&str, Vec<(usize, usize, usize)>); 3] = [
+    // (d_in, d_out, k) along each axis.
+    type Axis = (&'static str, Vec<(usize, usize, usize)>);
+    let axes: [Axis; 3] = [
         ("d_in", sizes.iter().map(|&s| (s, 512, 32)).collect()),
         ("d_out", sizes.iter().map(|&s| (512, s, 32)).collect()),
         ("k", ks.iter().map(|&k| (512, 512, k)).collect()),

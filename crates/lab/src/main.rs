@@ -3,6 +3,7 @@
 mod autoencoder;
 mod bench;
 mod compare;
+mod fastmath;
 mod mnist;
 mod optimizers;
 mod replay;
