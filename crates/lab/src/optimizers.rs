@@ -5,10 +5,12 @@
 //! `to_record`/`load_record` for checkpoints. Each optimizer also says how many bytes of state
 //! it keeps ([`BuiltOptimizer::state_bytes`]): for ours, the library's own accounting.
 
-use burn::module::Module;
+use burn::module::{Module, ParamId};
 use burn::optim::decay::WeightDecayConfig as BurnWeightDecay;
 use burn::optim::{AdamConfig, ModuleOptimizer};
 use precond::block_diag::BlockAdamConfig;
+use precond::burn_adapter::param_names;
+use precond::optimizer::NonFinitePolicy;
 use precond::shampoo::ShampooConfig;
 use precond::sketchy::SketchyConfig;
 use precond::{
@@ -39,6 +41,29 @@ pub const GRAFTS: &[&str] = &[
     "rmsprop-normalized",
     "adam",
 ];
+
+/// `--nonfinite`: what the library's optimizers do with a gradient holding NaN or ∞ (the
+/// library's [`NonFinitePolicy`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinite {
+    /// An error naming the step and the parameter (`train` stops; `replay` fails).
+    #[default]
+    Error,
+    /// Skip that parameter's update, its optimizer state untouched, with a warning (`replay`:
+    /// a zero direction for that step).
+    Skip,
+}
+
+impl NonFinite {
+    /// The library's policy.
+    pub fn policy(self) -> NonFinitePolicy {
+        match self {
+            NonFinite::Error => NonFinitePolicy::Error,
+            NonFinite::Skip => NonFinitePolicy::Skip,
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum OptimizerError {
@@ -114,6 +139,10 @@ pub struct LibraryHparams {
     pub start_step: u64,
     /// Seed of the method's randomness (shared-basis: the randomized SVD's Gaussian start).
     pub seed: u64,
+    /// What a gradient holding NaN or ∞ does (absent from records written before it existed:
+    /// `error`).
+    #[serde(default)]
+    pub nonfinite: NonFinite,
 }
 
 impl LibraryHparams {
@@ -130,6 +159,7 @@ impl LibraryHparams {
             nesterov: true,
             start_step: 1,
             seed: 0,
+            nonfinite: NonFinite::Error,
         }
     }
 
@@ -264,11 +294,29 @@ impl BuiltOptimizer {
         }
     }
 
-    /// The last error of the library's optimizer, if any (a skipped or failed parameter step).
+    /// The last error of the library's optimizer, if any (a skipped or failed parameter step;
+    /// under `--nonfinite error` a non-finite gradient is one).
     pub fn take_last_error(&self) -> Option<PrecondError> {
         match &self.accounting {
             Accounting::Adam => None,
             Accounting::Library(handle) => handle.take_last_error(),
+        }
+    }
+
+    /// The last warning of the library's optimizer, if any: a parameter update skipped under
+    /// `--nonfinite skip` (the message names the parameter and its step).
+    pub fn take_last_warning(&self) -> Option<PrecondError> {
+        match &self.accounting {
+            Accounting::Adam => None,
+            Accounting::Library(handle) => handle.take_last_warning(),
+        }
+    }
+
+    /// Parameter updates skipped so far because their gradient held NaN or ∞ (0 for adam).
+    pub fn nonfinite_skips(&self) -> u64 {
+        match &self.accounting {
+            Accounting::Adam => 0,
+            Accounting::Library(handle) => handle.stats().skipped_non_finite,
         }
     }
 }
@@ -328,13 +376,30 @@ pub fn library_config(h: &OptimizerHparams) -> Result<SharedBasisOptimizerConfig
             rate: h.weight_decay,
             mode: WeightDecayMode::Coupled,
         })
-        .with_start_preconditioning_step(lib.start_step);
+        .with_start_preconditioning_step(lib.start_step)
+        .with_nonfinite(lib.nonfinite.policy());
     config.config().validate()?;
     Ok(config)
 }
 
 /// Build the optimizer named in `h`.
 pub fn build_optimizer(h: &OptimizerHparams) -> Result<BuiltOptimizer, OptimizerError> {
+    build(h, Vec::new())
+}
+
+/// [`build_optimizer`] for `model`: the library's errors and warnings name its parameters by
+/// module path (`layers.0.weight`).
+pub fn build_optimizer_for(
+    h: &OptimizerHparams,
+    model: &Autoencoder,
+) -> Result<BuiltOptimizer, OptimizerError> {
+    build(h, param_names(model))
+}
+
+fn build(
+    h: &OptimizerHparams,
+    names: Vec<(ParamId, String)>,
+) -> Result<BuiltOptimizer, OptimizerError> {
     check(h)?;
     match h.name.as_str() {
         "adam" => {
@@ -353,7 +418,9 @@ pub fn build_optimizer(h: &OptimizerHparams) -> Result<BuiltOptimizer, Optimizer
             })
         }
         _ if h.library.is_some() => {
-            let (optim, handle) = library_config(h)?.init_with_handle()?;
+            let (optim, handle) = library_config(h)?
+                .with_param_names(names)
+                .init_with_handle()?;
             Ok(BuiltOptimizer {
                 optim,
                 accounting: Accounting::Library(handle),

@@ -26,6 +26,8 @@ use precond::{
 };
 use thiserror::Error;
 
+use crate::optimizers::NonFinite;
+
 /// The long help of `precond replay` (used by main.rs).
 pub const LONG_ABOUT: &str = "\
 Replay a recorded gradient sequence of one layer through a preconditioner and save each step's \
@@ -44,6 +46,11 @@ its escaped mass. block-adam: -(V^ + eps I)^(-1/2) m^ per block. full-adagrad: \
 -(H + eps I)^(-1/2) g over the whole flattened gradient. sgd, adagrad, rmsprop, adam, adamw: the \
 update before the learning rate, as PyTorch defines it (adam: -m^ / (sqrt(v^) + eps); adamw \
 equals adam here, its decoupled decay needs the parameter). Steps count from 1.
+
+A gradient holding NaN or infinity: with --nonfinite error (the default) the replay fails and \
+writes nothing; with --nonfinite skip that step's direction is written as zeros and the method \
+never sees that gradient, so the later directions equal those of a replay of the same file with \
+that step removed.
 
 Precision: float64 input runs the method in f64, float32 input in f32 (the output is float32 \
 either way).";
@@ -150,6 +157,11 @@ pub struct ReplayArgs {
     /// Print the method's state bytes.
     #[arg(long)]
     pub print_memory: bool,
+    /// A gradient with NaN or infinity: error fails the replay; skip writes a zero direction for
+    /// that step and leaves the method's state untouched (the later directions are those of the
+    /// same replay without that step).
+    #[arg(long, value_enum, default_value_t = NonFinite::Error)]
+    pub nonfinite: NonFinite,
 }
 
 impl ReplayArgs {
@@ -307,11 +319,21 @@ pub struct ReplayReport {
     pub precision: Precision,
     /// The preconditioner's state bytes after the last step.
     pub state_bytes: usize,
+    /// Indices t (0-based, as in OUT[t]) of the steps skipped under `--nonfinite skip`.
+    pub skipped: Vec<usize>,
 }
 
 /// `precond replay`: runs and prints a one-line summary (and the state bytes on request).
 pub fn command(args: &ReplayArgs) -> Result<ExitCode, ReplayError> {
     let r = run(args)?;
+    for &t in &r.skipped {
+        eprintln!(
+            "warning: {}: OUT[{t}] (step {}): the gradient holds NaN or infinity; skipped, zero \
+             direction written",
+            args.grads.display(),
+            t + 1
+        );
+    }
     println!(
         "{}: {} steps of a ({}, {}) layer, {:?} {:?}",
         args.out.display(),
@@ -331,18 +353,24 @@ pub fn command(args: &ReplayArgs) -> Result<ExitCode, ReplayError> {
 pub fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
     let g = read_grads(&args.grads)?;
     let (t, b, m) = (g.steps, g.rows, g.blocks);
-    let (dirs, state_bytes, precision) = match &g.data {
+    let skip = args.nonfinite == NonFinite::Skip;
+    let (r, precision) = match &g.data {
         GradData::F32(v) => {
             let precond = args.build::<f32>(b, m).map_err(ReplayError::Config)?;
-            let (d, s) = replay::<f32>(v, t, b, m, precond, &args.grads)?;
-            (d, s, Precision::F32)
+            let r = replay::<f32>(v, t, b, m, precond, skip, &args.grads)?;
+            (r, Precision::F32)
         }
         GradData::F64(v) => {
             let precond = args.build::<f64>(b, m).map_err(ReplayError::Config)?;
-            let (d, s) = replay::<f64>(v, t, b, m, precond, &args.grads)?;
-            (d, s, Precision::F64)
+            let r = replay::<f64>(v, t, b, m, precond, skip, &args.grads)?;
+            (r, Precision::F64)
         }
     };
+    let Replayed {
+        directions: dirs,
+        state_bytes,
+        skipped,
+    } = r;
     write_f32(&args.out, &dirs, [t, b, m])?;
     Ok(ReplayReport {
         steps: t,
@@ -350,26 +378,46 @@ pub fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
         blocks: m,
         precision,
         state_bytes,
+        skipped,
     })
 }
 
-/// Runs `precond` over the C-order (T, b, m) `data`; returns the directions (C order, f32) and
-/// the final state bytes.
+/// What [`replay`] returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Replayed {
+    /// The directions, C order (T, b, m), f32.
+    pub directions: Vec<f32>,
+    /// The method's state bytes after the last step.
+    pub state_bytes: usize,
+    /// Indices t (0-based) of the steps skipped for a non-finite gradient.
+    pub skipped: Vec<usize>,
+}
+
+/// Runs `precond` over the C-order (T, b, m) `data`; returns the directions (C order, f32), the
+/// final state bytes and the skipped steps. A step whose gradient holds NaN or ∞ is an error
+/// naming it, or with `skip_nonfinite` a zero direction, the method never seeing that gradient.
 pub fn replay<T: Scalar>(
     data: &[T],
     steps: usize,
     rows: usize,
     blocks: usize,
     mut precond: Box<dyn Preconditioner<T>>,
+    skip_nonfinite: bool,
     path: &Path,
-) -> Result<(Vec<f32>, usize), ReplayError> {
+) -> Result<Replayed, ReplayError> {
     let (b, m) = (rows, blocks);
     let mut out = Vec::with_capacity(steps * b * m);
     // Column-major (b, m) buffers: column i is block i.
     let mut grad = vec![T::zero(); b * m];
     let mut dir = vec![T::zero(); b * m];
+    let mut skipped = Vec::new();
     for (t, slab) in data.chunks_exact(b * m).take(steps).enumerate() {
         if slab.iter().any(|x| !x.is_finite()) {
+            if skip_nonfinite {
+                out.resize(out.len() + b * m, 0.0);
+                skipped.push(t);
+                continue;
+            }
             return Err(ReplayError::BadInput {
                 path: path.to_path_buf(),
                 msg: format!("step {t}: the gradient holds NaN or infinity"),
@@ -396,7 +444,11 @@ pub fn replay<T: Scalar>(
             }
         }
     }
-    Ok((out, precond.state_bytes()))
+    Ok(Replayed {
+        directions: out,
+        state_bytes: precond.state_bytes(),
+        skipped,
+    })
 }
 
 /// Reads a (T, b, m) float32/float64 `.npy` (C or Fortran order) into C order, with errors that
@@ -547,6 +599,7 @@ mod tests {
             precondition_every: 1,
             start_step: 1,
             print_memory: false,
+            nonfinite: NonFinite::Error,
         }
     }
 
@@ -849,6 +902,131 @@ mod tests {
         let mut a = args(p("full.npy"), p("o2.npy"));
         a.eps = Some(0.0);
         assert!(matches!(run(&a), Err(ReplayError::Config(_))));
+    }
+
+    /// `--nonfinite skip`: a NaN/∞ gradient at step index 3 gives a zero direction there, and every
+    /// other direction is bitwise that of a replay of the file with step 3 removed; for methods
+    /// whose state counts steps (Adam's bias correction, Shampoo's root schedule, Sketchy's,
+    /// shared-basis statistics). `--nonfinite error` (the default) fails naming the step.
+    #[test]
+    fn nonfinite_skip_equals_a_replay_without_that_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, b, m, bad_t) = (8usize, 5usize, 4usize, 3usize);
+        let g = gradients(t, b, m, 11);
+        let n = b * m;
+        let removed: Vec<f64> = g[..bad_t * n]
+            .iter()
+            .chain(&g[(bad_t + 1) * n..])
+            .copied()
+            .collect();
+        let cases = [
+            (ReplayOptimizer::SharedBasis, f64::NAN),
+            (ReplayOptimizer::Shampoo, f64::INFINITY),
+            (ReplayOptimizer::Sketchy, f64::NAN),
+            (ReplayOptimizer::Adam, f64::NEG_INFINITY),
+            (ReplayOptimizer::BlockAdam, f64::NAN),
+        ];
+        for (k, (optimizer, poison)) in cases.into_iter().enumerate() {
+            let mut bad = g.clone();
+            bad[bad_t * n + 7] = poison;
+            let a = |name: &str, out: &str| ReplayArgs {
+                optimizer,
+                rank: 2,
+                block_size: Some(3),
+                precondition_every: 2,
+                start_step: 3,
+                eps: None,
+                ..args(dir.path().join(name), dir.path().join(out))
+            };
+            for f64_input in [true, false] {
+                let shape = |t: usize| [t as u64, b as u64, m as u64];
+                let write = |name: &str, v: &[f64], t: usize| {
+                    let path = dir.path().join(name);
+                    if f64_input {
+                        write_npy(&path, v, &shape(t), Order::C);
+                    } else {
+                        let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                        write_npy(&path, &v32, &shape(t), Order::C);
+                    }
+                };
+                write("bad.npy", &bad, t);
+                write("removed.npy", &removed, t - 1);
+                write("good.npy", &g, t);
+                let report = run(&ReplayArgs {
+                    nonfinite: NonFinite::Skip,
+                    ..a("bad.npy", "u_skip.npy")
+                })
+                .unwrap();
+                assert_eq!(report.skipped, vec![bad_t]);
+                assert_eq!(report.steps, t);
+                let short = run(&a("removed.npy", "u_removed.npy")).unwrap();
+                assert_eq!(report.state_bytes, short.state_bytes);
+                run(&a("good.npy", "u_good.npy")).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                let (shape_skip, skip) = read_f32(&dir.path().join("u_skip.npy"));
+                assert_eq!(shape_skip, shape(t));
+                let removed_dirs = read_f32(&dir.path().join("u_removed.npy")).1;
+                let good = read_f32(&dir.path().join("u_good.npy")).1;
+                let label = format!("{optimizer:?} f64 input {f64_input} (case {k})");
+                assert_eq!(
+                    bits(&skip[bad_t * n..(bad_t + 1) * n]),
+                    vec![0u32; n],
+                    "{label}"
+                );
+                assert_eq!(
+                    bits(&skip[..bad_t * n]),
+                    bits(&removed_dirs[..bad_t * n]),
+                    "{label}"
+                );
+                assert_eq!(
+                    bits(&skip[(bad_t + 1) * n..]),
+                    bits(&removed_dirs[bad_t * n..]),
+                    "{label}"
+                );
+                // Not vacuous: with the finite gradient kept, the later directions differ.
+                assert_ne!(
+                    bits(&skip[(bad_t + 1) * n..]),
+                    bits(&good[(bad_t + 1) * n..]),
+                    "{label}"
+                );
+                // The default refuses the file, naming it and the step, and writes nothing.
+                let out = dir.path().join("u_err.npy");
+                let e = run(&a("bad.npy", "u_err.npy")).unwrap_err().to_string();
+                assert!(!out.exists(), "{label}: no output on error");
+                assert!(
+                    e.contains("bad.npy") && e.contains(&format!("step {bad_t}")),
+                    "{label}: {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nonfinite_flag_parses() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ReplayArgs,
+        }
+        let base = [
+            "x",
+            "--optimizer",
+            "adam",
+            "--grads",
+            "a.npy",
+            "--out",
+            "b.npy",
+        ];
+        let parse = |extra: &[&str]| {
+            let argv: Vec<&str> = base.iter().chain(extra).copied().collect();
+            Cli::try_parse_from(argv).map(|c| c.args.nonfinite)
+        };
+        assert_eq!(parse(&[]).unwrap(), NonFinite::Error);
+        assert_eq!(parse(&["--nonfinite", "skip"]).unwrap(), NonFinite::Skip);
+        assert_eq!(parse(&["--nonfinite", "error"]).unwrap(), NonFinite::Error);
+        let err = parse(&["--nonfinite", "ignore"]).unwrap_err().to_string();
+        assert!(err.contains("possible values: error, skip"), "{err}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::store::ModuleRecord;
 use burn::tensor::{Bytes, Device, Tensor, TensorData};
-use precond::Schedule;
+use precond::{PrecondError, Schedule};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -23,7 +23,10 @@ use thiserror::Error;
 
 use crate::autoencoder::{sigmoid_cross_entropy, sigmoid_cross_entropy_sum, Autoencoder};
 use crate::mnist::{self, MnistError, Split, PIXELS};
-use crate::optimizers::{build_optimizer, BuiltOptimizer, OptimizerError, OptimizerHparams};
+use crate::optimizers::{
+    build_optimizer, build_optimizer_for, BuiltOptimizer, NonFinite, OptimizerError,
+    OptimizerHparams,
+};
 
 /// Default data directory (relative to the working directory).
 pub const DEFAULT_DATA: &str = "../shared/data/mnist";
@@ -49,6 +52,11 @@ pub enum TrainError {
     ConfigFile { path: PathBuf, msg: String },
     #[error("invalid setting: {0}")]
     Setting(String),
+    #[error(
+        "step {step}: {msg}; the run stops here (--nonfinite error) without saving this \
+         step; --nonfinite skip skips such updates instead"
+    )]
+    NonFinite { step: usize, msg: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -121,6 +129,11 @@ pub struct TrainSettings {
     /// shampoo, sketchy: 101]
     #[arg(long)]
     pub start_step: Option<u64>,
+    /// ours: a gradient with NaN or infinity: error stops the run naming the step and the
+    /// parameter; skip leaves that parameter and its optimizer state unchanged for that step and
+    /// prints a warning [default: error]
+    #[arg(long, value_enum)]
+    pub nonfinite: Option<NonFinite>,
     /// Examples per step [default: 1000]
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -168,6 +181,7 @@ impl TrainSettings {
             graft: self.graft.or(other.graft),
             nesterov: self.nesterov.or(other.nesterov),
             start_step: self.start_step.or(other.start_step),
+            nonfinite: self.nonfinite.or(other.nonfinite),
             batch_size: self.batch_size.or(other.batch_size),
             epochs: self.epochs.or(other.epochs),
             warmup_frac: self.warmup_frac.or(other.warmup_frac),
@@ -244,6 +258,7 @@ impl TrainConfig {
             lib.nesterov = s.nesterov.unwrap_or(lib.nesterov);
             lib.start_step = s.start_step.unwrap_or(lib.start_step);
             lib.seed = s.seed.unwrap_or(0);
+            lib.nonfinite = s.nonfinite.unwrap_or(lib.nonfinite);
         }
         // Method-specific settings: only where the preset has them.
         let slots = optimizer.library.as_mut();
@@ -276,6 +291,7 @@ impl TrainConfig {
                 ("graft", s.graft.is_some()),
                 ("nesterov", s.nesterov.is_some()),
                 ("start-step", s.start_step.is_some()),
+                ("nonfinite", s.nonfinite.is_some()),
             ];
             if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
                 return Err(refuse(flag).into());
@@ -515,7 +531,7 @@ pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<RunResult, TrainError>
                 )));
             }
             let model = Autoencoder::new(config.seed, &device);
-            let optim = build_optimizer(&config.optimizer)?;
+            let optim = build_optimizer_for(&config.optimizer, &model)?;
             let progress = Progress {
                 config: config.clone(),
                 epochs_done: 0,
@@ -594,6 +610,7 @@ fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resum
             graft: sb.map(|h| h.graft.clone()),
             nesterov: sb.map(|h| h.nesterov),
             start_step: sb.map(|h| h.start_step),
+            nonfinite: sb.map(|h| h.nonfinite),
             batch_size: Some(saved.batch_size),
             epochs: Some(saved.epochs),
             warmup_frac: Some(saved.warmup_frac),
@@ -623,7 +640,7 @@ fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resum
     let model = Autoencoder::new(config.seed, device)
         .try_load_record(record)
         .map_err(|e| ckpt_err(format!("model record: {e}")))?;
-    let mut optim = build_optimizer(&config.optimizer)?;
+    let mut optim = build_optimizer_for(&config.optimizer, &model)?;
     optim.optim = optim
         .optim
         .from_bytes(Bytes::from_bytes_vec(optim_bytes))
@@ -649,6 +666,11 @@ fn train_loop(
     let steps_per_epoch = n.div_ceil(bs);
     let schedule = lr_schedule(steps_per_epoch * config.epochs, config.warmup_frac);
     let ckpt_path = out.join(CHECKPOINT);
+    let nonfinite = config
+        .optimizer
+        .library
+        .as_ref()
+        .map_or(NonFinite::Error, |l| l.nonfinite);
     let mut rng = p
         .epoch_rng
         .restore()
@@ -688,12 +710,11 @@ fn train_loop(
             let t1 = Instant::now();
             let grads = GradientsParams::from_grads(grads, &model);
             let lr = schedule.lr(config.optimizer.lr, p.step as u64 + 1);
+            let skips = optim.nonfinite_skips();
             model = optim.optim.step(lr, model, grads);
-            if let Some(e) = optim.take_last_error() {
-                eprintln!(
-                    "warning: step {}: a parameter was not updated: {e}",
-                    p.step + 1
-                );
+            let skipped = optim.nonfinite_skips() - skips;
+            for line in after_step(&optim, p.step + 1, skipped, nonfinite)? {
+                eprintln!("{line}");
             }
             sync(device);
             let t2 = Instant::now();
@@ -790,6 +811,48 @@ fn train_loop(
         summary,
         rows: p.rows,
     })
+}
+
+/// The library optimizer's messages after training step `step` (1-based), in which `skipped`
+/// parameter updates were skipped for a non-finite gradient: under `--nonfinite error` such a
+/// gradient ends the run ([`TrainError::NonFinite`]); any other failed parameter update and the
+/// skips of `--nonfinite skip` are warnings, returned as lines to print.
+fn after_step(
+    optim: &BuiltOptimizer,
+    step: usize,
+    skipped: u64,
+    nonfinite: NonFinite,
+) -> Result<Vec<String>, TrainError> {
+    let error = optim.take_last_error();
+    let warning = optim.take_last_warning();
+    if nonfinite == NonFinite::Error && skipped > 0 {
+        // The handle keeps the last error only: another failure in the same step may have
+        // replaced the non-finite gradient's; the count still says it happened.
+        let msg = match (&error, skipped) {
+            (Some(e @ PrecondError::NonFiniteGradient { .. }), 1) => e.to_string(),
+            (Some(e @ PrecondError::NonFiniteGradient { .. }), n) => {
+                format!("{n} parameters had a non-finite gradient, the last: {e}")
+            }
+            (Some(e), n) => {
+                format!("{n} parameter(s) had a non-finite gradient (last error: {e})")
+            }
+            (None, n) => format!("{n} parameter(s) had a non-finite gradient"),
+        };
+        return Err(TrainError::NonFinite { step, msg });
+    }
+    let mut lines = Vec::new();
+    if let Some(e) = error {
+        lines.push(format!(
+            "warning: step {step}: a parameter was not updated: {e}"
+        ));
+    }
+    if let Some(w) = warning {
+        lines.push(format!(
+            "warning: step {step}: skipped {skipped} parameter update(s) (--nonfinite skip); \
+             last: {w}"
+        ));
+    }
+    Ok(lines)
 }
 
 fn sync(device: &Device) {
@@ -1275,6 +1338,171 @@ mod tests {
         let err = TrainConfig::from_settings(&s).unwrap_err().to_string();
         assert_eq!(err, "--rank does not apply to shampoo-1000");
         assert_eq!((c.optimizer.beta2, c.optimizer.eps), (0.99, 1e-6));
+    }
+
+    #[test]
+    fn nonfinite_flag_is_parsed_recorded_and_refused_for_adam() {
+        use clap::Parser;
+        use precond::optimizer::NonFinitePolicy;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: TrainSettings,
+        }
+        let parse = |v: &str| Cli::try_parse_from(["x", "--nonfinite", v]).map(|c| c.settings);
+        assert_eq!(parse("skip").unwrap().nonfinite, Some(NonFinite::Skip));
+        assert_eq!(parse("error").unwrap().nonfinite, Some(NonFinite::Error));
+        let err = parse("ignore").err().unwrap().to_string();
+        assert!(err.contains("possible values: error, skip"), "{err}");
+        assert_eq!(Cli::try_parse_from(["x"]).unwrap().settings.nonfinite, None);
+
+        // Recorded in the config (summary.json), default error; old records load as error.
+        let sb = |nonfinite| TrainSettings {
+            optimizer: Some("shared-basis".into()),
+            nonfinite,
+            ..Default::default()
+        };
+        let c = TrainConfig::from_settings(&sb(Some(NonFinite::Skip))).unwrap();
+        assert_eq!(
+            c.optimizer.library.as_ref().unwrap().nonfinite,
+            NonFinite::Skip
+        );
+        let lib = crate::optimizers::library_config(&c.optimizer).unwrap();
+        assert_eq!(lib.config().nonfinite, NonFinitePolicy::Skip);
+        let mut json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["optimizer"]["library"]["nonfinite"], "skip");
+        let default = TrainConfig::from_settings(&sb(None)).unwrap();
+        let lib = default.optimizer.library.as_ref().unwrap();
+        assert_eq!(lib.nonfinite, NonFinite::Error);
+        assert_eq!(
+            serde_json::to_value(&default).unwrap()["optimizer"]["library"]["nonfinite"],
+            "error"
+        );
+        json["optimizer"]["library"]
+            .as_object_mut()
+            .unwrap()
+            .remove("nonfinite");
+        let old: TrainConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old.optimizer.library.unwrap().nonfinite, NonFinite::Error);
+
+        // The TOML config file takes it too, with the flag's values; a flag overrides it.
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("c.toml");
+        fs::write(&path, "optimizer = \"sketchy\"\nnonfinite = \"skip\"\n").unwrap();
+        let file = TrainSettings::from_toml_file(&path).unwrap();
+        assert_eq!(file.nonfinite, Some(NonFinite::Skip));
+        let c = TrainConfig::from_settings(&file.clone()).unwrap();
+        assert_eq!(c.optimizer.library.unwrap().nonfinite, NonFinite::Skip);
+        let flags = TrainSettings {
+            nonfinite: Some(NonFinite::Error),
+            ..Default::default()
+        };
+        let c = TrainConfig::from_settings(&flags.or(file)).unwrap();
+        assert_eq!(c.optimizer.library.unwrap().nonfinite, NonFinite::Error);
+        fs::write(&path, "nonfinite = \"ignore\"\n").unwrap();
+        let err = TrainSettings::from_toml_file(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ignore"), "{err}");
+
+        // burn's Adam has no such policy.
+        for v in [NonFinite::Skip, NonFinite::Error] {
+            let s = TrainSettings {
+                nonfinite: Some(v),
+                ..Default::default()
+            };
+            let err = TrainConfig::from_settings(&s).unwrap_err().to_string();
+            assert_eq!(err, "--nonfinite does not apply to adam");
+        }
+    }
+
+    /// A NaN gradient in the first weight of a small autoencoder: under skip, `after_step`
+    /// returns the warning naming the training step, the parameter and its step, and the weight
+    /// keeps its bits; under error it ends the run with the same names.
+    #[test]
+    fn after_step_stops_on_error_and_warns_on_skip() {
+        use burn::module::Param;
+        let device = Device::flex().autodiff();
+        for nonfinite in [NonFinite::Skip, NonFinite::Error] {
+            let model = Autoencoder::with_widths(&[6, 5, 4, 3, 4, 6], 1, &device);
+            let mut h = OptimizerHparams::preset("shared-basis").unwrap();
+            h.library.as_mut().unwrap().nonfinite = nonfinite;
+            let mut built = build_optimizer_for(&h, &model).unwrap();
+            let x = Tensor::<2>::ones([2, 6], &device);
+            let loss = sigmoid_cross_entropy(model.forward(x.clone()), x);
+            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            let w: &Param<Tensor<2>> = &model.layers[0].weight;
+            let mut bad = grads
+                .get::<2>(w.id)
+                .unwrap()
+                .try_into_vec_as::<f32>()
+                .unwrap();
+            bad[4] = f32::NAN;
+            grads.remove::<2>(w.id);
+            grads.register::<2>(
+                w.id,
+                Tensor::from_data(TensorData::new(bad, [6, 5]), &Device::flex()),
+            );
+            let before = model.layers[0]
+                .weight
+                .val()
+                .try_into_vec_as::<f32>()
+                .unwrap();
+            let before_b = model.layers[0]
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .try_into_vec_as::<f32>()
+                .unwrap();
+            let skips = built.nonfinite_skips();
+            let model = built.optim.step(1e-3, model, grads);
+            let skipped = built.nonfinite_skips() - skips;
+            assert_eq!(skipped, 1);
+            let after = model.layers[0]
+                .weight
+                .val()
+                .try_into_vec_as::<f32>()
+                .unwrap();
+            assert_eq!(after, before, "the NaN weight keeps its value");
+            let after_b = model.layers[0]
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .try_into_vec_as::<f32>()
+                .unwrap();
+            assert_ne!(after_b, before_b, "its bias steps");
+            let what = "non-finite gradient at step 1 in parameter layers.0.weight with shape \
+                        [6, 5]";
+            match (nonfinite, after_step(&built, 7, skipped, nonfinite)) {
+                (NonFinite::Skip, Ok(lines)) => assert_eq!(
+                    lines,
+                    vec![format!(
+                        "warning: step 7: skipped 1 parameter update(s) (--nonfinite skip); \
+                         last: {what}"
+                    )]
+                ),
+                (NonFinite::Error, Err(e)) => {
+                    assert!(matches!(e, TrainError::NonFinite { step: 7, .. }));
+                    assert!(
+                        e.to_string().starts_with(&format!("step 7: {what}; ")),
+                        "{e}"
+                    );
+                }
+                (p, other) => panic!("{p:?}: {other:?}"),
+            }
+            // Everything was taken: nothing is reported twice.
+            assert!(after_step(&built, 8, 0, nonfinite).unwrap().is_empty());
+            // Under error a counted skip stops the run even when its message was replaced.
+            let e = after_step(&built, 9, 2, NonFinite::Error).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "step 9: 2 parameter(s) had a non-finite gradient; the run stops here \
+                 (--nonfinite error) without saving this step; --nonfinite skip skips such \
+                 updates instead"
+            );
+        }
     }
 
     #[test]

@@ -28,17 +28,25 @@
 //! **Error policy.** burn's step cannot return an error, so errors are recorded in a shared
 //! [`SharedBasisHandle`] (get one from [`SharedBasisOptimizerConfig::init_with_handle`] or
 //! [`SharedBasisOptimizer::handle`]) and the step of that parameter is skipped:
-//! - a gradient with NaN/∞ leaves the parameter *and its state* untouched (the library refuses
-//!   such a step before changing anything) and increments
-//!   [`AdapterStats::skipped_non_finite`];
+//! - a gradient with NaN/∞ leaves the parameter *and its state* untouched (the library never
+//!   uses such a gradient) and increments [`AdapterStats::skipped_non_finite`]. Under
+//!   [`NonFinitePolicy::Error`] (the default, [`SharedBasisOptimizerConfig::with_nonfinite`])
+//!   it is an error, [`PrecondError::NonFiniteGradient`] in
+//!   [`SharedBasisHandle::last_error`]; under [`NonFinitePolicy::Skip`] it is a warning, the same
+//!   value in [`SharedBasisHandle::last_warning`], and `last_error` is left alone. Either way the
+//!   value names the parameter's own step and the parameter: its shape, and its module path when
+//!   the configuration was given names ([`SharedBasisOptimizerConfig::with_param_names`]; burn
+//!   hands a per-tensor optimizer neither the [`ParamId`] nor the path, so names travel through
+//!   one parameter group per named parameter). The policy of the optimizer doing the step
+//!   decides, also for a state restored from a record made under the other policy;
 //! - any other error (a state that does not fit the parameter's shape, a linear-algebra failure,
 //!   a non-finite learning rate, a parameter whose data cannot be read as `f32`) leaves the
-//!   parameter untouched and increments [`AdapterStats::failed`]. After a linear-algebra failure
-//!   the preconditioner's statistics have already absorbed the gradient (see
-//!   [`ParamOptimizer::step`]).
+//!   parameter untouched, increments [`AdapterStats::failed`] and is kept in
+//!   [`SharedBasisHandle::last_error`]. After a linear-algebra failure the preconditioner's
+//!   statistics have already absorbed the gradient (see [`ParamOptimizer::step`]).
 //!
-//! In both cases [`SharedBasisHandle::last_error`] holds the error. Nothing is printed and
-//! nothing panics; check the handle after each step (or each epoch) to act on it.
+//! Nothing is printed and nothing panics; check the handle after each step (or each epoch) to act
+//! on it.
 //!
 //! **Records.** Each parameter's whole [`ParamOptimizer`] (configuration, view, statistics,
 //! grafting and momentum buffers, step count) is stored in burn's optimizer record as one `u8`
@@ -46,14 +54,16 @@
 //! little-endian bits of every float, so a reload continues bit-for-bit). The hyperparameters
 //! travel with the state: a parameter restored from a record keeps the configuration it was
 //! created with, whatever the loading optimizer's configuration; a state that cannot be decoded
-//! is skipped by burn's `load_record` and that parameter starts afresh.
+//! is skipped by burn's `load_record` and that parameter starts afresh. States written before
+//! [`OptimizerConfig::nonfinite`] existed (codec version 1) load with its default,
+//! [`NonFinitePolicy::Error`].
 
 use crate::error::{PrecondError, Result};
 use crate::graft::{GraftConfig, GraftKind};
-use crate::optimizer::{Fallback, Method, OptimizerConfig, ParamOptimizer};
+use crate::optimizer::{Fallback, Method, NonFinitePolicy, OptimizerConfig, ParamOptimizer};
 use crate::shared_basis::{RhoMode, SharedBasisConfig};
 use crate::weight_decay::WeightDecayConfig;
-use burn::module::{ParamGroup, ParamId};
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::{LearningRate, ModuleOptimizer, Optimizer, RecordState, StateSink, StateSource};
 use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
 use std::fmt;
@@ -74,6 +84,7 @@ pub struct SharedBasisOptimizerConfig {
     excluded: Vec<ParamId>,
     block_axes: Vec<(ParamId, usize)>,
     rule: Option<BlockAxisRule>,
+    names: Vec<(ParamId, Arc<str>)>,
 }
 
 impl fmt::Debug for SharedBasisOptimizerConfig {
@@ -83,6 +94,7 @@ impl fmt::Debug for SharedBasisOptimizerConfig {
             .field("excluded", &self.excluded)
             .field("block_axes", &self.block_axes)
             .field("rule", &self.rule.as_ref().map(|_| "<closure>"))
+            .field("names", &self.names)
             .finish()
     }
 }
@@ -217,6 +229,28 @@ impl SharedBasisOptimizerConfig {
         self
     }
 
+    /// What a gradient holding NaN or ∞ does: [`NonFinitePolicy::Error`] (default) records
+    /// [`PrecondError::NonFiniteGradient`] in [`SharedBasisHandle::last_error`];
+    /// [`NonFinitePolicy::Skip`] records it in [`SharedBasisHandle::last_warning`] instead.
+    /// Either way that parameter keeps its value and state for this step and
+    /// [`AdapterStats::skipped_non_finite`] counts it.
+    pub fn with_nonfinite(mut self, policy: NonFinitePolicy) -> Self {
+        self.config.nonfinite = policy;
+        self
+    }
+
+    /// Names parameters in the handle's errors and warnings (e.g. `"enc.0.weight"`; get them with
+    /// [`param_names`]). [`init`](Self::init) then gives each named parameter its own burn
+    /// parameter group (burn tells a per-tensor optimizer neither the id nor the path), with the
+    /// same exclusion and block axis it would have had. Replaces earlier names.
+    pub fn with_param_names(mut self, names: impl IntoIterator<Item = (ParamId, String)>) -> Self {
+        self.names = names
+            .into_iter()
+            .map(|(id, name)| (id, Arc::from(name)))
+            .collect();
+        self
+    }
+
     /// Forces the fallback path for the parameter `id` (e.g. an embedding table).
     pub fn exclude(mut self, id: ParamId) -> Self {
         self.excluded.push(id);
@@ -255,6 +289,7 @@ impl SharedBasisOptimizerConfig {
             config: Arc::new(self.config.clone()),
             excluded: false,
             axis: AxisChoice::Default(self.rule.clone()),
+            label: None,
             handle: SharedBasisHandle::default(),
         })
     }
@@ -285,8 +320,47 @@ impl SharedBasisOptimizerConfig {
             };
             optim = optim.with_group(ParamGroup::from_ids(self.excluded.clone()), o, None);
         }
+        // Named parameters: one group each, carrying the name, with the settings above.
+        for (id, name) in &self.names {
+            let axis = self
+                .block_axes
+                .iter()
+                .find(|(i, _)| i == id)
+                .map_or_else(|| base.axis.clone(), |&(_, a)| AxisChoice::Fixed(a));
+            let o = SharedBasisOptimizer {
+                excluded: self.excluded.contains(id),
+                axis,
+                label: Some(name.clone()),
+                ..base.clone()
+            };
+            optim = optim.with_group(ParamGroup::from_ids(vec![*id]), o, None);
+        }
         Ok((optim, handle))
     }
+}
+
+/// The float parameters of `module` with their module paths (`"l1.weight"`, `"enc.0.bias"`), in
+/// visiting order: the names for [`SharedBasisOptimizerConfig::with_param_names`].
+pub fn param_names<M: Module>(module: &M) -> Vec<(ParamId, String)> {
+    #[derive(Default)]
+    struct Names {
+        path: Vec<String>,
+        out: Vec<(ParamId, String)>,
+    }
+    impl ModuleVisitor for Names {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.out.push((param.id, self.path.join(".")));
+        }
+    }
+    let mut names = Names::default();
+    module.visit(&mut names);
+    names.out
 }
 
 #[derive(Clone)]
@@ -302,7 +376,7 @@ pub struct AdapterStats {
     /// Parameter updates applied.
     pub applied: u64,
     /// Parameter steps skipped because the gradient held NaN or ∞ (parameter and state
-    /// untouched).
+    /// untouched), under either [`NonFinitePolicy`].
     pub skipped_non_finite: u64,
     /// Parameter steps that failed for any other reason (parameter untouched).
     pub failed: u64,
@@ -311,6 +385,7 @@ pub struct AdapterStats {
 #[derive(Default)]
 struct HandleInner {
     last_error: Option<PrecondError>,
+    last_warning: Option<PrecondError>,
     stats: AdapterStats,
     /// One entry per live state registered with this handle; dead ones are pruned.
     states: Vec<Weak<StateMeta>>,
@@ -328,6 +403,7 @@ impl fmt::Debug for SharedBasisHandle {
         let g = self.lock();
         f.debug_struct("SharedBasisHandle")
             .field("last_error", &g.last_error)
+            .field("last_warning", &g.last_warning)
             .field("stats", &g.stats)
             .finish_non_exhaustive()
     }
@@ -350,6 +426,18 @@ impl SharedBasisHandle {
     /// Returns and clears the most recent error.
     pub fn take_last_error(&self) -> Option<PrecondError> {
         self.lock().last_error.take()
+    }
+
+    /// The most recent warning (kept until [`take_last_warning`](Self::take_last_warning)): a
+    /// parameter step skipped under [`NonFinitePolicy::Skip`], as the
+    /// [`PrecondError::NonFiniteGradient`] naming the parameter's step and the parameter.
+    pub fn last_warning(&self) -> Option<PrecondError> {
+        self.lock().last_warning.clone()
+    }
+
+    /// Returns and clears the most recent warning.
+    pub fn take_last_warning(&self) -> Option<PrecondError> {
+        self.lock().last_warning.take()
     }
 
     /// The counters.
@@ -396,6 +484,12 @@ impl SharedBasisHandle {
         }
         g.last_error = Some(err);
     }
+
+    fn skip(&self, warning: PrecondError) {
+        let mut g = self.lock();
+        g.stats.skipped_non_finite += 1;
+        g.last_warning = Some(warning);
+    }
 }
 
 #[derive(Debug)]
@@ -412,6 +506,8 @@ pub struct SharedBasisOptimizer {
     config: Arc<OptimizerConfig>,
     excluded: bool,
     axis: AxisChoice,
+    /// The parameter's name, for a group of one named parameter.
+    label: Option<Arc<str>>,
     handle: SharedBasisHandle,
 }
 
@@ -420,6 +516,7 @@ impl fmt::Debug for SharedBasisOptimizer {
         f.debug_struct("SharedBasisOptimizer")
             .field("config", &self.config)
             .field("excluded", &self.excluded)
+            .field("label", &self.label)
             .finish_non_exhaustive()
     }
 }
@@ -445,13 +542,23 @@ impl SharedBasisOptimizer {
         ParamOptimizer::new(&self.config, shape, axis, self.excluded)
     }
 
+    /// How errors and warnings name a parameter of shape `dims`.
+    fn describe(&self, dims: &[usize]) -> String {
+        match &self.label {
+            Some(name) => format!("{name} with shape {dims:?}"),
+            None => format!("with shape {dims:?}"),
+        }
+    }
+
+    /// The updated parameter, or `None` when the step was skipped (a non-finite gradient under
+    /// [`NonFinitePolicy::Skip`]).
     fn step_host<const D: usize>(
         &self,
         lr: LearningRate,
         tensor: &Tensor<D>,
         grad: Tensor<D>,
         state: &mut SharedBasisState<D>,
-    ) -> Result<Tensor<D>> {
+    ) -> Result<Option<Tensor<D>>> {
         let dims = tensor.dims();
         if state.opt.view().shape() != dims.as_slice() {
             return Err(PrecondError::StateMismatch(format!(
@@ -466,11 +573,13 @@ impl SharedBasisOptimizer {
         let g = read(grad, "gradient")?;
         let (device, dtype) = (tensor.device(), tensor.dtype());
         let mut p = read(tensor.clone(), "parameter")?;
-        state.opt.step(&mut p, &g, lr as f32)?;
-        Ok(Tensor::from_data(
+        if state.opt.step(&mut p, &g, lr as f32)?.is_skipped() {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_data(
             TensorData::new(p, dims),
             TensorCreationOptions::new(device).with_dtype(dtype),
-        ))
+        )))
     }
 }
 
@@ -502,9 +611,22 @@ impl Optimizer for SharedBasisOptimizer {
             state.meta = Some(self.handle.register(state.opt.state_bytes()));
         }
         match self.step_host(lr, &tensor, grad, &mut state) {
-            Ok(updated) => {
+            Ok(Some(updated)) => {
                 self.handle.lock().stats.applied += 1;
                 (updated, Some(state))
+            }
+            // Skipped or refused: either way nothing changed. This optimizer's policy decides
+            // how it is reported (a state restored from a record carries its own config).
+            Ok(None) | Err(PrecondError::NonFiniteGradient { .. }) => {
+                let report = PrecondError::NonFiniteGradient {
+                    step: state.opt.steps() + 1,
+                    param: Some(self.describe(&tensor.dims())),
+                };
+                match self.config.nonfinite {
+                    NonFinitePolicy::Error => self.handle.fail(report),
+                    NonFinitePolicy::Skip => self.handle.skip(report),
+                }
+                (tensor, Some(state))
             }
             Err(e) => {
                 self.handle.fail(e);
@@ -581,7 +703,8 @@ mod codec {
     use std::fmt;
 
     const MAGIC: &[u8; 4] = b"PCSB";
-    const VERSION: u32 = 1;
+    /// 2: `OptimizerConfig` ends with `nonfinite`. Version 1 (without it) is still read.
+    const VERSION: u32 = 2;
 
     #[derive(Debug)]
     pub struct Error(String);
@@ -621,13 +744,17 @@ mod codec {
         let rest = bytes
             .strip_prefix(MAGIC.as_slice())
             .ok_or_else(|| Error("bad magic (not a precond optimizer state)".into()))?;
-        let mut d = De { input: rest };
+        let mut d = De {
+            input: rest,
+            version: 0,
+        };
         let v = d.u32()?;
-        if v != VERSION {
+        if v != VERSION && v != 1 {
             return Err(Error(format!(
-                "unsupported version {v} (expected {VERSION})"
+                "unsupported version {v} (expected 1 or {VERSION})"
             )));
         }
+        d.version = v;
         let value = T::deserialize(&mut d)?;
         if !d.input.is_empty() {
             return Err(Error(format!("{} trailing bytes", d.input.len())));
@@ -804,6 +931,7 @@ mod codec {
 
     struct De<'de> {
         input: &'de [u8],
+        version: u32,
     }
 
     impl<'de> De<'de> {
@@ -928,14 +1056,20 @@ mod codec {
         }
         fn deserialize_struct<V: Visitor<'de>>(
             self,
-            _: &'static str,
+            name: &'static str,
             fields: &'static [&'static str],
             visitor: V,
         ) -> Res<V::Value> {
-            visitor.visit_seq(Seq {
-                de: self,
-                left: fields.len(),
-            })
+            // Version 1 predates OptimizerConfig's last field; serde(default) fills it in.
+            let left = if self.version == 1
+                && name == "OptimizerConfig"
+                && fields.last() == Some(&"nonfinite")
+            {
+                fields.len() - 1
+            } else {
+                fields.len()
+            };
+            visitor.visit_seq(Seq { de: self, left })
         }
         fn deserialize_enum<V: Visitor<'de>>(
             self,
@@ -1304,13 +1438,29 @@ mod tests {
 
     #[test]
     fn exclusion_block_axis_and_rule_by_param_id() {
+        for named in [false, true] {
+            exclusion_and_block_axis(named);
+        }
+        // A rule: blocks along axis 0 for every 2-D parameter.
+        let cfg = config().with_block_axis_rule(|s| (s.len() == 2).then_some(0));
+        let opt = cfg.build().unwrap();
+        assert_eq!(opt.new_param_optimizer(&[8, 16]).unwrap().view().rows(), 16);
+        assert!(!opt.new_param_optimizer(&[8]).unwrap().is_preconditioned());
+    }
+
+    /// Exclusion and a per-id axis, with or without per-parameter name groups (which must keep
+    /// both).
+    fn exclusion_and_block_axis(named: bool) {
         let device = device();
         let (x, y) = data(9, &device);
         let model = Mlp::new(10, &device);
-        let cfg = config()
+        let mut cfg = config()
             .with_fallback(Fallback::SgdMomentum)
             .exclude(model.l1.weight.id)
             .with_block_axis(model.l2.weight.id, 0);
+        if named {
+            cfg = cfg.with_param_names(param_names(&model));
+        }
         let mut optim = cfg.init().unwrap();
         let shapes = Mlp::shapes();
         let mut direct = [
@@ -1328,13 +1478,7 @@ mod tests {
         for ((o, p), gr) in direct.iter_mut().zip(&mut host).zip(&hg) {
             o.step(p, gr, 0.05).unwrap();
         }
-        assert_eq!(model.flat(), host);
-
-        // A rule: blocks along axis 0 for every 2-D parameter.
-        let cfg = config().with_block_axis_rule(|s| (s.len() == 2).then_some(0));
-        let opt = cfg.build().unwrap();
-        assert_eq!(opt.new_param_optimizer(&[8, 16]).unwrap().view().rows(), 16);
-        assert!(!opt.new_param_optimizer(&[8]).unwrap().is_preconditioned());
+        assert_eq!(model.flat(), host, "named: {named}");
     }
 
     #[test]
@@ -1360,15 +1504,228 @@ mod tests {
         let stats = handle.stats();
         assert_eq!(stats.skipped_non_finite, 1);
         assert_eq!(stats.applied, 3);
-        assert!(matches!(
+        // Without names burn gives no way to name it beyond its shape.
+        assert_eq!(
             handle.take_last_error(),
-            Some(PrecondError::NonFiniteGradient { step: 1, .. })
-        ));
+            Some(PrecondError::NonFiniteGradient {
+                step: 1,
+                param: Some("with shape [8, 16]".into())
+            })
+        );
         assert!(handle.last_error().is_none());
+        assert!(handle.last_warning().is_none(), "Error is the default");
         // The skipped parameter's state did not advance: its next good step is its first.
         let g = grads(&model, &x, &y);
         let _ = optim.step(0.05, model, g);
         assert_eq!(handle.stats().applied, 7);
+    }
+
+    /// `grads` with the gradient of l1.weight replaced by one holding a NaN.
+    fn with_nan_in_l1_weight(mut g: GradientsParams, model: &Mlp) -> GradientsParams {
+        let id = model.l1.weight.id;
+        let mut bad = g.get::<2>(id).unwrap().try_into_vec_as::<f32>().unwrap();
+        bad[5] = f32::NAN;
+        g.remove::<2>(id);
+        g.register::<2>(
+            id,
+            Tensor::from_data(TensorData::new(bad, [D_IN, HIDDEN]), &Device::flex()),
+        );
+        g
+    }
+
+    #[test]
+    fn param_names_are_module_paths() {
+        let model = Mlp::new(1, &Device::flex());
+        let names = param_names(&model);
+        let want = vec![
+            (model.l1.weight.id, "l1.weight".to_string()),
+            (model.l1.bias.as_ref().unwrap().id, "l1.bias".to_string()),
+            (model.l2.weight.id, "l2.weight".to_string()),
+            (model.l2.bias.as_ref().unwrap().id, "l2.bias".to_string()),
+        ];
+        assert_eq!(names, want);
+    }
+
+    /// One NaN gradient tensor (l1.weight) in a model step: under Skip the other three
+    /// parameters take exactly the ParamOptimizer steps, l1.weight keeps its bits and its state
+    /// (its next good step is its first), one skip is counted and the warning names the
+    /// parameter; under Error the same happens with the error in `last_error` instead.
+    #[test]
+    fn nonfinite_policy_skips_one_parameter_and_names_it() {
+        for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Error] {
+            let device = device();
+            let (x, y) = data(15, &device);
+            let model = Mlp::new(16, &device);
+            let cfg = config()
+                .with_nonfinite(policy)
+                .with_param_names(param_names(&model));
+            assert_eq!(cfg.config().nonfinite, policy);
+            let (mut optim, handle) = cfg.init_with_handle().unwrap();
+            let mut direct: Vec<ParamOptimizer> = Mlp::shapes()
+                .iter()
+                .map(|s| ParamOptimizer::new(cfg.config(), s, None, false).unwrap())
+                .collect();
+            let mut host = model.flat();
+            let before = bits(&model);
+            let g = grads(&model, &x, &y);
+            let hg = grads_of(&g, &model);
+            let g = with_nan_in_l1_weight(g, &model);
+            let model = optim.step(0.05, model, g);
+            // The direct optimizers see the good gradients of the three other parameters only.
+            for i in 1..4 {
+                direct[i].step(&mut host[i], &hg[i], 0.05).unwrap();
+            }
+            let got = bits(&model);
+            assert_eq!(
+                got[0], before[0],
+                "{policy:?}: the NaN parameter keeps its bits"
+            );
+            for i in 1..4 {
+                assert_ne!(got[i], before[i], "{policy:?}: parameter {i} steps");
+                let want: Vec<u32> = host[i].iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got[i], want, "{policy:?}: parameter {i}");
+            }
+            assert_eq!(
+                handle.stats(),
+                AdapterStats {
+                    applied: 3,
+                    skipped_non_finite: 1,
+                    failed: 0
+                }
+            );
+            let message = PrecondError::NonFiniteGradient {
+                step: 1,
+                param: Some("l1.weight with shape [8, 16]".into()),
+            };
+            match policy {
+                NonFinitePolicy::Skip => {
+                    assert_eq!(handle.take_last_warning(), Some(message.clone()));
+                    assert_eq!(handle.last_error(), None);
+                }
+                NonFinitePolicy::Error => {
+                    assert_eq!(handle.take_last_error(), Some(message.clone()));
+                    assert_eq!(handle.last_warning(), None);
+                }
+            }
+            assert_eq!(
+                message.to_string(),
+                "non-finite gradient at step 1 in parameter l1.weight with shape [8, 16]"
+            );
+            // The next good step of l1.weight is its first: its state did not move.
+            let g = grads(&model, &x, &y);
+            let hg = grads_of(&g, &model);
+            let model = optim.step(0.05, model, g);
+            for ((o, p), gr) in direct.iter_mut().zip(&mut host).zip(&hg) {
+                o.step(p, gr, 0.05).unwrap();
+            }
+            assert_eq!(direct[0].steps(), 1);
+            let want: Vec<Vec<u32>> = host
+                .iter()
+                .map(|v| v.iter().map(|x| x.to_bits()).collect())
+                .collect();
+            assert_eq!(bits(&model), want, "{policy:?}");
+            assert_eq!(handle.stats().applied, 7);
+            assert_eq!(handle.last_error(), None);
+            assert_eq!(handle.last_warning(), None);
+        }
+    }
+
+    /// A state carries its own config; the policy of the optimizer stepping it decides whether a
+    /// non-finite gradient is an error or a warning. The parameter and state stay as they were.
+    #[test]
+    fn the_stepping_optimizers_policy_decides_the_report() {
+        let device = Device::flex();
+        let t = Tensor::<2>::from_data(TensorData::new(vec![1.0f32; 12], [4, 3]), &device);
+        let mut g = vec![0.5f32; 12];
+        g[2] = f32::NAN;
+        let gt = Tensor::<2>::from_data(TensorData::new(g, [4, 3]), &device);
+        let report = Some(PrecondError::NonFiniteGradient {
+            step: 1,
+            param: Some("with shape [4, 3]".into()),
+        });
+        for (stepping, stored) in [
+            (NonFinitePolicy::Skip, NonFinitePolicy::Error),
+            (NonFinitePolicy::Error, NonFinitePolicy::Skip),
+        ] {
+            let opt = config().with_nonfinite(stepping).build().unwrap();
+            let state = SharedBasisState {
+                opt: ParamOptimizer::new(
+                    config().with_nonfinite(stored).config(),
+                    &[4, 3],
+                    None,
+                    false,
+                )
+                .unwrap(),
+                meta: None,
+            };
+            let before = encode_param_optimizer(&state.opt);
+            let (out, state) = opt.step(0.1, t.clone(), gt.clone(), Some(state));
+            assert_eq!(
+                out.try_into_vec_as::<f32>().unwrap(),
+                vec![1.0f32; 12],
+                "{stepping:?}"
+            );
+            assert_eq!(encode_param_optimizer(&state.unwrap().opt), before);
+            let h = opt.handle();
+            assert_eq!(h.stats().skipped_non_finite, 1);
+            match stepping {
+                NonFinitePolicy::Skip => {
+                    assert_eq!(h.take_last_warning(), report);
+                    assert_eq!(h.last_error(), None);
+                }
+                NonFinitePolicy::Error => {
+                    assert_eq!(h.take_last_error(), report);
+                    assert_eq!(h.last_warning(), None);
+                }
+            }
+        }
+    }
+
+    /// A state encoded before `OptimizerConfig::nonfinite` existed (codec version 1: the config
+    /// ends one field earlier) decodes with the default policy and continues bitwise.
+    #[test]
+    fn codec_reads_version_1_states() {
+        let cfg = config().with_seed(5);
+        let mut o = ParamOptimizer::new(cfg.config(), &[6, 5], None, false).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut p = normal(30, 1.0, &mut rng);
+        for _ in 0..2 {
+            let g = normal(30, 1.0, &mut rng);
+            o.step(&mut p, &g, 0.1).unwrap();
+        }
+        let v2 = encode_param_optimizer(&o);
+        assert_eq!(&v2[4..8], &2u32.to_le_bytes());
+        // The config is the optimizer's first field; its last 4 bytes are the policy's index.
+        let config_len = codec::encode(o.config()).len() - 8;
+        assert_eq!(&v2[8 + config_len - 4..8 + config_len], &[0u8; 4]);
+        let mut v1 = b"PCSB".to_vec();
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&v2[8..8 + config_len - 4]);
+        v1.extend_from_slice(&v2[8 + config_len..]);
+        let mut back = decode_param_optimizer(&v1).unwrap();
+        assert_eq!(back.config().nonfinite, NonFinitePolicy::Error);
+        assert_eq!(encode_param_optimizer(&back), v2);
+        let mut q = p.clone();
+        for _ in 0..2 {
+            let g = normal(30, 1.0, &mut rng);
+            o.step(&mut p, &g, 0.1).unwrap();
+            back.step(&mut q, &g, 0.1).unwrap();
+        }
+        assert_eq!(p, q);
+        // A Skip state round-trips at version 2; a version-2 state read as version 1 is refused.
+        let skip = ParamOptimizer::new(
+            cfg.clone().with_nonfinite(NonFinitePolicy::Skip).config(),
+            &[6, 5],
+            None,
+            false,
+        )
+        .unwrap();
+        let bytes = encode_param_optimizer(&skip);
+        let back = decode_param_optimizer(&bytes).unwrap();
+        assert_eq!(back.config().nonfinite, NonFinitePolicy::Skip);
+        let mut wrong = bytes;
+        wrong[4] = 1;
+        assert!(decode_param_optimizer(&wrong).is_err());
     }
 
     #[test]

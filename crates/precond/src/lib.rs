@@ -37,7 +37,10 @@ pub use error::{PrecondError, Result};
 pub use faer;
 pub use graft::{GraftConfig, GraftKind, GraftState};
 pub use momentum::{MomentumConfig, MomentumState};
-pub use optimizer::{Fallback, Method, MethodState, OptimizerConfig, ParamOptimizer, ParamPath};
+pub use optimizer::{
+    Fallback, Method, MethodState, NonFinitePolicy, OptimizerConfig, ParamOptimizer, ParamPath,
+    StepOutcome,
+};
 pub use preconditioner::Preconditioner;
 pub use scalar::Scalar;
 pub use schedule::Schedule;

@@ -16,6 +16,11 @@
 //! the [`Fallback`] path: the grafting optimizer alone, or SGD with momentum (the paper's choice
 //! for the embedding table).
 //!
+//! A gradient holding NaN or ∞ is never used: [`OptimizerConfig::nonfinite`] says whether the step
+//! is refused with an error ([`NonFinitePolicy::Error`], the default) or skipped
+//! ([`NonFinitePolicy::Skip`]). Either way nothing changes: parameter, statistics, grafting and
+//! momentum buffers and the step counter are as if that gradient had never been seen.
+//!
 //! [`GraftKind::None`]: crate::graft::GraftKind::None
 
 use crate::block_diag::{BlockAdam, BlockAdamConfig};
@@ -90,6 +95,40 @@ pub enum Fallback {
     SgdMomentum,
 }
 
+/// What [`ParamOptimizer::step`] does with a gradient that holds NaN or ∞.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NonFinitePolicy {
+    /// Refuse the step with [`PrecondError::NonFiniteGradient`] naming the step (the step it
+    /// would have been); no state changes.
+    #[default]
+    Error,
+    /// Skip the step: `Ok(`[`StepOutcome::Skipped`]`)`, no state changes (parameter,
+    /// preconditioner statistics, grafting and momentum buffers, step counter), and
+    /// [`ParamOptimizer::skipped`] counts it. The following steps are exactly those of an
+    /// optimizer that never saw that gradient.
+    Skip,
+}
+
+/// What one [`ParamOptimizer::step`] did when it returned `Ok`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StepOutcome {
+    /// The update was applied and [`ParamOptimizer::steps`] advanced by one.
+    Applied,
+    /// The gradient held NaN or ∞ and the policy is [`NonFinitePolicy::Skip`]: nothing changed.
+    /// `step` is the 1-based step the gradient would have been (`steps() + 1`).
+    Skipped {
+        /// The step the skipped gradient would have been.
+        step: u64,
+    },
+}
+
+impl StepOutcome {
+    /// True for [`StepOutcome::Skipped`].
+    pub fn is_skipped(&self) -> bool {
+        matches!(self, StepOutcome::Skipped { .. })
+    }
+}
+
 /// Configuration of the per-parameter optimizer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -111,6 +150,10 @@ pub struct OptimizerConfig {
     pub max_block_size: usize,
     /// What parameters that are not preconditioned do.
     pub fallback: Fallback,
+    /// What a gradient holding NaN or ∞ does (default [`NonFinitePolicy::Error`]). Absent from
+    /// a serialized config, it is the default. (Keep it the last field: the burn adapter's
+    /// records of version 1 end the config before it.)
+    pub nonfinite: NonFinitePolicy,
 }
 
 impl Default for OptimizerConfig {
@@ -123,6 +166,7 @@ impl Default for OptimizerConfig {
             start_preconditioning_step: 1,
             max_block_size: 4096,
             fallback: Fallback::Graft,
+            nonfinite: NonFinitePolicy::Error,
         }
     }
 }
@@ -240,6 +284,10 @@ pub struct ParamOptimizer<P = MethodState> {
     graft: GraftState,
     momentum: MomentumState,
     step: u64,
+    /// Gradients skipped under [`NonFinitePolicy::Skip`] since this value was built or loaded
+    /// (not serialized, so that a skip leaves the serialized state unchanged).
+    #[serde(skip)]
+    skipped: u64,
     #[serde(skip)]
     work_a: Vec<f32>,
     #[serde(skip)]
@@ -351,6 +399,7 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
             graft,
             momentum,
             step: 0,
+            skipped: 0,
             work_a: vec![0.0; n],
             work_b,
         })
@@ -381,9 +430,15 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
         self.precond.as_ref()
     }
 
-    /// Steps taken so far.
+    /// Steps taken so far (skipped gradients do not count).
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// Gradients skipped under [`NonFinitePolicy::Skip`] since this value was built or loaded
+    /// (the count is not serialized).
+    pub fn skipped(&self) -> u64 {
+        self.skipped
     }
 
     /// Bytes of optimizer state: preconditioner + grafting + momentum buffers (workspaces
@@ -395,12 +450,21 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
     }
 
     /// One optimizer step: `param` ← `param` + `lr`·(update), see the module docs. `param` and
-    /// `grad` are the flat row-major tensor. Errors, with no state changed: ShapeMismatch on a
-    /// wrong length, NonFiniteGradient on NaN/∞ in `grad`, InvalidConfig on a non-finite `lr`,
-    /// and any error of the preconditioner. If the preconditioner returns a non-finite direction,
-    /// the step is refused with LinalgFailure and the parameter is untouched (the preconditioner's
-    /// statistics have then already absorbed the gradient).
-    pub fn step(&mut self, param: &mut [f32], grad: &[f32], lr: f32) -> Result<()> {
+    /// `grad` are the flat row-major tensor.
+    ///
+    /// Returns [`StepOutcome::Applied`] when the update was applied, or
+    /// [`StepOutcome::Skipped`] when `grad` holds NaN/∞ and `config.nonfinite` is
+    /// [`NonFinitePolicy::Skip`]; a skip changes no state (parameter, statistics, grafting and
+    /// momentum buffers, [`steps`](Self::steps)) and is counted by [`skipped`](Self::skipped).
+    /// Callers that only care about errors can ignore the outcome (`opt.step(..)?;`).
+    ///
+    /// Errors, with no state changed: ShapeMismatch on a wrong length, InvalidConfig on a
+    /// non-finite `lr`, NonFiniteGradient (naming the step it would have been) on NaN/∞ in `grad`
+    /// under [`NonFinitePolicy::Error`], and any error of the preconditioner. If the
+    /// preconditioner returns a non-finite direction, the step is refused with LinalgFailure and
+    /// the parameter is untouched (the preconditioner's statistics have then already absorbed the
+    /// gradient).
+    pub fn step(&mut self, param: &mut [f32], grad: &[f32], lr: f32) -> Result<StepOutcome> {
         let n = self.view.numel();
         if param.len() != n || grad.len() != n {
             return Err(PrecondError::ShapeMismatch {
@@ -413,10 +477,16 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
         }
         let t = self.step + 1;
         if grad.iter().any(|g| !g.is_finite()) {
-            return Err(PrecondError::NonFiniteGradient {
-                step: t,
-                param: None,
-            });
+            return match self.config.nonfinite {
+                NonFinitePolicy::Error => Err(PrecondError::NonFiniteGradient {
+                    step: t,
+                    param: None,
+                }),
+                NonFinitePolicy::Skip => {
+                    self.skipped += 1;
+                    Ok(StepOutcome::Skipped { step: t })
+                }
+            };
         }
         // Workspaces are skipped by serde: reallocate after loading.
         if self.work_a.len() != n {
@@ -480,7 +550,7 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
         momentum.apply(update)?;
         config.weight_decay.apply_step(param, update, lr);
         self.step = t;
-        Ok(())
+        Ok(StepOutcome::Applied)
     }
 }
 
@@ -960,6 +1030,212 @@ mod tests {
         assert_eq!(o.steps(), 0);
     }
 
+    /// One configuration per method (small shapes, settings under which a wrongly advanced step
+    /// counter would show: Adam's bias correction, Shampoo's root schedule, the start step).
+    fn nonfinite_cases() -> Vec<(&'static str, OptimizerConfig, Vec<usize>)> {
+        use crate::block_diag::BlockAdamConfig;
+        use crate::diagonal::DiagonalConfig;
+        use crate::full_matrix::FullMatrixConfig;
+        use crate::shampoo::ShampooConfig;
+        use crate::sketchy::SketchyConfig;
+        let base = OptimizerConfig {
+            weight_decay: WeightDecayConfig {
+                rate: 0.01,
+                mode: WeightDecayMode::Coupled,
+            },
+            ..Default::default()
+        };
+        // The diagonal and block methods as themselves: no grafting, no extra momentum.
+        let bare = OptimizerConfig {
+            graft: GraftConfig {
+                kind: GraftKind::None,
+                ..Default::default()
+            },
+            momentum: MomentumConfig {
+                beta1: 0.0,
+                nesterov: false,
+            },
+            ..base.clone()
+        };
+        vec![
+            (
+                "shared-basis",
+                OptimizerConfig {
+                    method: Method::SharedBasis(SharedBasisConfig {
+                        rank: 3,
+                        ..Default::default()
+                    }),
+                    ..base.clone()
+                },
+                vec![6, 4],
+            ),
+            (
+                "shampoo",
+                OptimizerConfig {
+                    method: Method::Shampoo(ShampooConfig {
+                        block_size: 4,
+                        start_step: 2,
+                        precondition_every: 2,
+                        ..Default::default()
+                    }),
+                    start_preconditioning_step: 2,
+                    ..base.clone()
+                },
+                vec![6, 4],
+            ),
+            (
+                "diagonal-adam",
+                OptimizerConfig {
+                    method: Method::Diagonal(DiagonalConfig::default()),
+                    ..bare.clone()
+                },
+                vec![6, 4],
+            ),
+            (
+                "sketchy",
+                OptimizerConfig {
+                    method: Method::Sketchy(SketchyConfig {
+                        rank: 2,
+                        block_size: 4,
+                        precondition_every: 2,
+                        ..Default::default()
+                    }),
+                    ..base.clone()
+                },
+                vec![6, 4],
+            ),
+            (
+                "block-adam",
+                OptimizerConfig {
+                    method: Method::BlockAdam(BlockAdamConfig {
+                        block_size: 4,
+                        ..Default::default()
+                    }),
+                    ..bare
+                },
+                vec![6, 4],
+            ),
+            (
+                "full-matrix",
+                OptimizerConfig {
+                    method: Method::FullMatrix(FullMatrixConfig::default()),
+                    ..base.clone()
+                },
+                vec![3, 4],
+            ),
+            (
+                "graft-only-adam",
+                OptimizerConfig {
+                    method: Method::GraftOnly,
+                    graft: GraftConfig {
+                        kind: GraftKind::Adam,
+                        ..Default::default()
+                    },
+                    ..base.clone()
+                },
+                vec![6, 4],
+            ),
+            (
+                "sgd-momentum-vector",
+                OptimizerConfig {
+                    fallback: Fallback::SgdMomentum,
+                    ..base
+                },
+                vec![7],
+            ),
+        ]
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// A NaN (or ∞) gradient at step 3: under Skip it is skipped and under Error (the default)
+    /// refused with NonFiniteGradient naming step 3; either way param, steps(), state_bytes()
+    /// and the serialized state are bitwise unchanged, and the following steps equal those of
+    /// an optimizer that never saw that gradient.
+    #[test]
+    fn nonfinite_gradient_under_skip_and_error_changes_nothing() {
+        let lr = 0.05f32;
+        for (i, (name, cfg, shape)) in nonfinite_cases().into_iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let gs = grads(n, 8, 40 + i as u64);
+            for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Error] {
+                let cfg = OptimizerConfig {
+                    nonfinite: policy,
+                    ..cfg.clone()
+                };
+                let mut bad = gs[2].clone();
+                bad[n / 2] = if i % 2 == 0 {
+                    f32::NAN
+                } else {
+                    f32::NEG_INFINITY
+                };
+                let mut o = ParamOptimizer::new(&cfg, &shape, None, false).unwrap();
+                let mut p = init_param(n);
+                for g in &gs[..2] {
+                    assert_eq!(o.step(&mut p, g, lr).unwrap(), StepOutcome::Applied);
+                }
+                let p_before = bits(&p);
+                let json_before = serde_json::to_string(&o).unwrap();
+                let bytes_before = o.state_bytes();
+                let got = o.step(&mut p, &bad, lr);
+                match policy {
+                    NonFinitePolicy::Skip => {
+                        assert_eq!(got, Ok(StepOutcome::Skipped { step: 3 }), "{name}");
+                        assert_eq!(o.skipped(), 1, "{name}");
+                    }
+                    NonFinitePolicy::Error => {
+                        assert_eq!(
+                            got,
+                            Err(PrecondError::NonFiniteGradient {
+                                step: 3,
+                                param: None
+                            }),
+                            "{name}"
+                        );
+                        assert_eq!(o.skipped(), 0, "{name}");
+                    }
+                }
+                assert_eq!(bits(&p), p_before, "{name} {policy:?}: param changed");
+                assert_eq!(o.steps(), 2, "{name} {policy:?}");
+                assert_eq!(o.state_bytes(), bytes_before, "{name} {policy:?}");
+                assert_eq!(
+                    serde_json::to_string(&o).unwrap(),
+                    json_before,
+                    "{name} {policy:?}: serialized state changed"
+                );
+
+                // The twin never sees gs[2]; the skipping one continues with gs[3..].
+                let mut twin = ParamOptimizer::new(&cfg, &shape, None, false).unwrap();
+                let mut q = init_param(n);
+                for g in &gs[..2] {
+                    twin.step(&mut q, g, lr).unwrap();
+                }
+                for (k, g) in gs[3..].iter().enumerate() {
+                    let before = bits(&p);
+                    assert_eq!(o.step(&mut p, g, lr).unwrap(), StepOutcome::Applied);
+                    twin.step(&mut q, g, lr).unwrap();
+                    assert_ne!(bits(&p), before, "{name}: step {} moved nothing", k + 3);
+                    assert_eq!(bits(&p), bits(&q), "{name} {policy:?}: step {}", k + 3);
+                }
+                assert_eq!(o.steps(), 7);
+                assert_eq!(
+                    serde_json::to_string(&o).unwrap(),
+                    serde_json::to_string(&twin).unwrap(),
+                    "{name} {policy:?}"
+                );
+                // Not vacuous: an optimizer that used a finite gradient at step 3 ends elsewhere.
+                let mut other = ParamOptimizer::new(&cfg, &shape, None, false).unwrap();
+                let mut r = init_param(n);
+                for g in &gs[..7] {
+                    other.step(&mut r, g, lr).unwrap();
+                }
+                assert_ne!(bits(&r), bits(&p), "{name}");
+            }
+        }
+    }
+
     #[test]
     fn workspaces_are_rebuilt_after_loading() {
         let cfg = OptimizerConfig::default();
@@ -1115,6 +1391,9 @@ mod tests {
                 ..Default::default()
             }
         );
+        assert_eq!(c.nonfinite, NonFinitePolicy::Error);
+        let c: OptimizerConfig = serde_json::from_str(r#"{"nonfinite": "Skip"}"#).unwrap();
+        assert_eq!(c.nonfinite, NonFinitePolicy::Skip);
         let c = OptimizerConfig {
             method: Method::GraftOnly,
             graft: GraftConfig {
@@ -1122,6 +1401,7 @@ mod tests {
                 ..Default::default()
             },
             fallback: Fallback::SgdMomentum,
+            nonfinite: NonFinitePolicy::Skip,
             ..Default::default()
         };
         let back: OptimizerConfig =
