@@ -257,14 +257,20 @@ impl<T: Scalar> std::fmt::Debug for BlockAdam<T> {
 }
 
 impl<T: Scalar> BlockAdam<T> {
-    /// New state for a (b, m) = (`rows`, `blocks`) parameter view. When `block_size` does not
+    /// New state for a (b, m) = (`rows`, `blocks`) parameter view; a `block_size` above b is capped at b. When `block_size` does not
     /// divide b, the last chunk of each column is shorter (b mod s rows).
     pub fn new(config: &BlockAdamConfig, rows: usize, blocks: usize) -> Result<Self> {
         config.validate()?;
         check_view(rows, blocks)?;
         let first = if config.beta1 > 0.0 { rows * blocks } else { 0 };
+        // A block larger than the column is the whole column: cap it, so that scratch and
+        // chunk arithmetic never see the larger value.
+        let config = BlockAdamConfig {
+            block_size: config.block_size.min(rows),
+            ..config.clone()
+        };
         let mut opt = Self {
-            config: config.clone(),
+            config,
             rows,
             blocks,
             step: 0,

@@ -198,6 +198,13 @@ impl<T: Scalar> Diagonal<T> {
     pub fn new(config: DiagonalConfig, rows: usize, blocks: usize) -> Result<Self> {
         config.validate()?;
         check_view(rows, blocks)?;
+        if config.kind != DiagonalKind::Sgd && T::of(config.eps) <= T::zero() {
+            return Err(invalid(
+                "eps",
+                config.eps,
+                "rounds to 0 in this precision: use a larger eps",
+            ));
+        }
         let n = rows
             .checked_mul(blocks)
             .ok_or_else(|| PrecondError::ShapeMismatch {

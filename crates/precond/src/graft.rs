@@ -107,6 +107,17 @@ pub struct GraftState {
     m: Vec<f32>,
 }
 
+/// `num / den`, with 0 where `den` is 0: with `eps` = 0 an entry whose gradients have all been 0
+/// has v = 0 and m = 0, and its direction is 0 (not 0/0).
+#[inline(always)]
+fn ratio(num: f32, den: f32) -> f32 {
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
+}
+
 impl GraftState {
     /// Fresh (zero) state for a parameter of `len` elements.
     pub fn new(config: &GraftConfig, len: usize) -> Result<Self> {
@@ -167,7 +178,7 @@ impl GraftState {
             GraftKind::Adagrad => {
                 for ((o, &g), v) in out.iter_mut().zip(grad).zip(self.v.iter_mut()) {
                     *v += g * g;
-                    *o = -g / (v.sqrt() + eps);
+                    *o = ratio(-g, v.sqrt() + eps);
                 }
             }
             GraftKind::Rmsprop | GraftKind::RmspropNormalized => {
@@ -191,7 +202,7 @@ impl GraftState {
                 for ((o, &g), v) in out.iter_mut().zip(grad).zip(self.v.iter_mut()) {
                     let s = g * inv;
                     *v = w1 * *v + w2 * s * s;
-                    *o = -s / (v.sqrt() + eps);
+                    *o = ratio(-s, v.sqrt() + eps);
                 }
             }
             GraftKind::Adam => {
@@ -207,7 +218,7 @@ impl GraftState {
                 {
                     *m = b1 * *m + (1.0 - b1) * g;
                     *v = b2 * *v + (1.0 - b2) * g * g;
-                    *o = -(*m / bc1) / ((*v / bc2).sqrt() + eps);
+                    *o = ratio(-(*m / bc1), (*v / bc2).sqrt() + eps);
                 }
             }
         }

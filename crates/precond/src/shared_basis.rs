@@ -274,8 +274,15 @@ impl<T: Scalar> SharedBasis<T> {
     pub fn new(config: SharedBasisConfig, rows: usize, blocks: usize) -> Result<Self> {
         config.validate()?;
         check_view(rows, blocks)?;
+        if T::of(config.eps) <= T::zero() {
+            return Err(invalid(
+                "eps",
+                config.eps,
+                "rounds to 0 in this precision: use a larger eps",
+            ));
+        }
         let rank = config.rank.min(rows);
-        let sketch = (rank + config.oversample).min(rows);
+        let sketch = rank.saturating_add(config.oversample).min(rows);
         Ok(Self {
             config,
             rows,
