@@ -2169,7 +2169,7 @@ fn eps_rounding_to_zero_in_f32_is_refused_at_construction() {
         };
         assert!(cfg.validate().is_ok());
         assert_eq!(
-            eps_field(Diagonal::<f32>::new(cfg.clone(), b, m).map(|_| ())),
+            eps_field(Diagonal::<f32>::new(cfg, b, m).map(|_| ())),
             "eps",
             "{kind:?}"
         );
