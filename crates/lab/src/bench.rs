@@ -32,7 +32,7 @@ use crate::autoencoder::{sigmoid_cross_entropy, Autoencoder, WIDTHS};
 use crate::mnist::{self, PIXELS};
 use crate::optimizers::{build_optimizer, library_config, OptimizerError, OptimizerHparams};
 use crate::report;
-use crate::train::{Machine, DEFAULT_DATA};
+use crate::train::{self, Machine, DEFAULT_DATA};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchTask {
@@ -123,17 +123,9 @@ pub struct StepReport {
     pub results: Vec<StepResult>,
 }
 
-pub fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let m = s.len() / 2;
-    if s.is_empty() {
-        f64::NAN
-    } else if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        (s[m - 1] + s[m]) / 2.0
-    }
+/// The median of timings that are never empty here (steps and reps are at least 1).
+fn median(v: &[f64]) -> f64 {
+    train::median(v).unwrap_or(f64::NAN)
 }
 
 fn mean(v: &[f64]) -> f64 {

@@ -490,7 +490,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn median(v: &[f64]) -> Option<f64> {
+/// The median (mean of the two middle values for an even count); None when empty.
+pub fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
