@@ -85,6 +85,7 @@ pub struct SharedBasisOptimizerConfig {
     block_axes: Vec<(ParamId, usize)>,
     rule: Option<BlockAxisRule>,
     names: Vec<(ParamId, Arc<str>)>,
+    fallbacks: Vec<(ParamId, Fallback)>,
 }
 
 impl fmt::Debug for SharedBasisOptimizerConfig {
@@ -95,6 +96,7 @@ impl fmt::Debug for SharedBasisOptimizerConfig {
             .field("block_axes", &self.block_axes)
             .field("rule", &self.rule.as_ref().map(|_| "<closure>"))
             .field("names", &self.names)
+            .field("fallbacks", &self.fallbacks)
             .finish()
     }
 }
@@ -257,6 +259,18 @@ impl SharedBasisOptimizerConfig {
         self
     }
 
+    /// Forces the fallback path for the parameter `id` with its own `fallback` (overriding
+    /// [`with_fallback`](Self::with_fallback) for it): e.g. the paper's SGD with momentum for an
+    /// embedding table while the other unpreconditioned parameters take the grafting direction.
+    pub fn exclude_with(mut self, id: ParamId, fallback: Fallback) -> Self {
+        self.fallbacks.retain(|(i, _)| *i != id);
+        self.fallbacks.push((id, fallback));
+        if !self.excluded.contains(&id) {
+            self.excluded.push(id);
+        }
+        self
+    }
+
     /// Forces the fallback path for all of `ids`.
     pub fn with_excluded(mut self, ids: impl IntoIterator<Item = ParamId>) -> Self {
         self.excluded.extend(ids);
@@ -305,37 +319,52 @@ impl SharedBasisOptimizerConfig {
         let base = self.build()?;
         let handle = base.handle();
         let mut optim = ModuleOptimizer::from(base.clone());
-        // burn: the last matching group wins, so exclusion is added last.
-        for &(id, axis) in &self.block_axes {
-            let o = SharedBasisOptimizer {
-                axis: AxisChoice::Fixed(axis),
-                ..base.clone()
-            };
-            optim = optim.with_group(ParamGroup::from_ids(vec![id]), o, None);
+        // Every parameter with its own axis, exclusion, fallback or name gets a group of its own
+        // (burn: the last matching group wins; these groups are disjoint).
+        let mut special: Vec<ParamId> = Vec::new();
+        let ids = self.block_axes.iter().map(|(id, _)| *id);
+        let ids = ids.chain(self.excluded.iter().copied());
+        for id in ids.chain(self.names.iter().map(|(id, _)| *id)) {
+            if !special.contains(&id) {
+                special.push(id);
+            }
         }
-        if !self.excluded.is_empty() {
-            let o = SharedBasisOptimizer {
-                excluded: true,
-                ..base.clone()
-            };
-            optim = optim.with_group(ParamGroup::from_ids(self.excluded.clone()), o, None);
-        }
-        // Named parameters: one group each, carrying the name, with the settings above.
-        for (id, name) in &self.names {
-            let axis = self
-                .block_axes
-                .iter()
-                .find(|(i, _)| i == id)
-                .map_or_else(|| base.axis.clone(), |&(_, a)| AxisChoice::Fixed(a));
-            let o = SharedBasisOptimizer {
-                excluded: self.excluded.contains(id),
-                axis,
-                label: Some(name.clone()),
-                ..base.clone()
-            };
-            optim = optim.with_group(ParamGroup::from_ids(vec![*id]), o, None);
+        for id in special {
+            optim = optim.with_group(
+                ParamGroup::from_ids(vec![id]),
+                self.for_param(&base, id),
+                None,
+            );
         }
         Ok((optim, handle))
+    }
+
+    /// The optimizer of parameter `id`: `base` with that parameter's block axis, exclusion,
+    /// fallback and name.
+    fn for_param(&self, base: &SharedBasisOptimizer, id: ParamId) -> SharedBasisOptimizer {
+        let axis = self
+            .block_axes
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or_else(|| base.axis.clone(), |&(_, a)| AxisChoice::Fixed(a));
+        let config = match self.fallbacks.iter().find(|(i, _)| *i == id) {
+            Some(&(_, fallback)) => Arc::new(OptimizerConfig {
+                fallback,
+                ..(*base.config).clone()
+            }),
+            None => base.config.clone(),
+        };
+        SharedBasisOptimizer {
+            config,
+            excluded: self.excluded.contains(&id),
+            axis,
+            label: self
+                .names
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map(|(_, n)| n.clone()),
+            handle: base.handle.clone(),
+        }
     }
 }
 
@@ -1479,6 +1508,55 @@ mod tests {
             o.step(p, gr, 0.05).unwrap();
         }
         assert_eq!(model.flat(), host, "named: {named}");
+    }
+
+    /// `exclude_with` gives one parameter its own fallback (SGD with momentum, the paper's for an
+    /// embedding) while a 1-D parameter keeps the global one (grafting); named or not.
+    #[test]
+    fn per_parameter_fallback() {
+        for named in [false, true] {
+            let device = device();
+            let (x, y) = data(13, &device);
+            let model = Mlp::new(14, &device);
+            let mut cfg = config()
+                .with_fallback(Fallback::Graft)
+                .exclude_with(model.l1.weight.id, Fallback::SgdMomentum);
+            if named {
+                cfg = cfg.with_param_names(param_names(&model));
+            }
+            let mut optim = cfg.init().unwrap();
+            let sgd = OptimizerConfig {
+                fallback: Fallback::SgdMomentum,
+                ..cfg.config().clone()
+            };
+            let shapes = Mlp::shapes();
+            let mut direct = [
+                ParamOptimizer::new(&sgd, &shapes[0], None, true).unwrap(),
+                ParamOptimizer::new(cfg.config(), &shapes[1], None, false).unwrap(),
+                ParamOptimizer::new(cfg.config(), &shapes[2], None, false).unwrap(),
+                ParamOptimizer::new(cfg.config(), &shapes[3], None, false).unwrap(),
+            ];
+            let mut host = model.flat();
+            let g = grads(&model, &x, &y);
+            let hg = grads_of(&g, &model);
+            let model = optim.step(0.05, model, g);
+            for ((o, p), gr) in direct.iter_mut().zip(&mut host).zip(&hg) {
+                o.step(p, gr, 0.05).unwrap();
+            }
+            let flat = model.flat();
+            assert_eq!(flat, host, "named: {named}");
+            // SGD with momentum at step 1: exactly θ − lr·g (Nesterov: (1 + β1)·g), not the
+            // grafted direction.
+            let before = Mlp::new(14, &Device::flex()).flat();
+            let expected: Vec<f32> = before[0]
+                .iter()
+                .zip(&hg[0])
+                .map(|(p, g)| p - 0.05 * (1.0 + 0.9) * g)
+                .collect();
+            for (a, b) in flat[0].iter().zip(&expected) {
+                assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
     }
 
     #[test]
