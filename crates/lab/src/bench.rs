@@ -33,6 +33,7 @@ use crate::mnist::{self, PIXELS};
 use crate::optimizers::{build_optimizer, library_config, OptimizerError, OptimizerHparams};
 use crate::report;
 use crate::train::{self, Machine, DEFAULT_DATA};
+use burn::module::Module;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchTask {
@@ -219,7 +220,7 @@ pub fn step(args: &StepArgs) -> Result<StepReport, BenchError> {
             median_fwd_bwd_s: median(&fwd_bwd),
             median_opt_step_s: median(&opt),
             mean_opt_step_s: mean(&opt),
-            optimizer_state_bytes: built.state_bytes(&model),
+            optimizer_state_bytes: built.state_bytes(model.num_params()),
         };
         eprintln!(
             "{name}: step {:.1} ms (fwd+bwd {:.1} ms, opt median {:.1} ms, mean {:.1} ms)",

@@ -1,5 +1,6 @@
-//! `precond compare autoencoder`: the main job. Trains the autoencoder with each named optimizer
-//! at its preset (one run directory each, under `--out`), then writes the report of all of them.
+//! `precond compare autoencoder` (the main job) and `precond compare tagger`: train the benchmark
+//! with each named optimizer at its preset (one run directory each, under `--out`), then write
+//! the report of all of them.
 //! Running it again continues: a complete run is kept, an interrupted one is resumed from its
 //! checkpoint (bitwise as if never interrupted).
 
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::optimizers::OPTIMIZERS;
 use crate::report;
-use crate::train::{self, Ending, TrainArgs, TrainSettings, CHECKPOINT};
+use crate::train::{self, Ending, TaggerSettings, TrainArgs, TrainSettings, CHECKPOINT};
 
 /// `precond compare autoencoder` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,6 +36,36 @@ pub struct CompareArgs {
     /// Use only the first N test images
     #[arg(long)]
     pub test_limit: Option<usize>,
+}
+
+/// `precond compare tagger` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompareTaggerArgs {
+    /// Optimizers to compare, at their presets (comma-separated)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "adam,block-adam,shampoo-1000,sketchy,shared-basis"
+    )]
+    pub optimizers: Vec<String>,
+    /// Directory for one run directory per optimizer, report.md and the plots
+    #[arg(long, default_value = "runs/tagger")]
+    pub out: PathBuf,
+    /// Epochs of every run
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    /// Seed of the initialization, the shuffling and the dropout, the same for every optimizer
+    /// [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Use only the first N training sentences
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Use only the first N eval and test sentences
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+    #[command(flatten)]
+    pub tagger: TaggerSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,17 +117,51 @@ fn inspect(dir: &Path, epochs: usize) -> Result<Found, CompareError> {
     })
 }
 
-/// Runs the comparison; returns true if every run completed (false when interrupted).
+/// Runs the autoencoder comparison; returns true if every run completed (false when
+/// interrupted).
 pub fn run(args: &CompareArgs, stop: &AtomicBool) -> Result<bool, CompareError> {
-    for name in &args.optimizers {
+    let common = TrainSettings {
+        data: args.data.clone(),
+        epochs: Some(args.epochs),
+        seed: args.seed,
+        limit: args.limit,
+        test_limit: args.test_limit,
+        ..TrainSettings::default()
+    };
+    compare(&args.optimizers, &args.out, common, None, stop)
+}
+
+/// Runs the tagger comparison; returns true if every run completed.
+pub fn run_tagger(args: &CompareTaggerArgs, stop: &AtomicBool) -> Result<bool, CompareError> {
+    let common = TrainSettings {
+        epochs: Some(args.epochs),
+        seed: args.seed,
+        limit: args.limit,
+        test_limit: args.test_limit,
+        ..TrainSettings::default()
+    };
+    let tagger = Some(args.tagger.clone());
+    compare(&args.optimizers, &args.out, common, tagger, stop)
+}
+
+/// Trains `common` (whose `epochs` is set) with each optimizer into `out/<name>`, then reports.
+fn compare(
+    optimizers: &[String],
+    out: &Path,
+    common: TrainSettings,
+    tagger: Option<TaggerSettings>,
+    stop: &AtomicBool,
+) -> Result<bool, CompareError> {
+    let epochs = common.epochs.unwrap_or(1);
+    for name in optimizers {
         if !OPTIMIZERS.contains(&name.as_str()) {
             return Err(CompareError::Unknown(name.clone()));
         }
     }
     let mut dirs = Vec::new();
-    for name in &args.optimizers {
-        let dir = args.out.join(name);
-        let train_args = match inspect(&dir, args.epochs)? {
+    for name in optimizers {
+        let dir = out.join(name);
+        let train_args = match inspect(&dir, epochs)? {
             Found::Complete => {
                 eprintln!("{}: complete, kept", dir.display());
                 dirs.push(dir);
@@ -104,25 +169,22 @@ pub fn run(args: &CompareArgs, stop: &AtomicBool) -> Result<bool, CompareError> 
             }
             Found::Partial => TrainArgs {
                 settings: TrainSettings {
-                    data: args.data.clone(),
+                    data: common.data.clone(),
                     ..TrainSettings::default()
                 },
                 config: None,
                 resume: Some(dir.clone()),
+                tagger: tagger.as_ref().map(|_| TaggerSettings::default()),
             },
             Found::Nothing => TrainArgs {
                 settings: TrainSettings {
-                    data: args.data.clone(),
                     out: Some(dir.clone()),
                     optimizer: Some(name.clone()),
-                    epochs: Some(args.epochs),
-                    seed: args.seed,
-                    limit: args.limit,
-                    test_limit: args.test_limit,
-                    ..TrainSettings::default()
+                    ..common.clone()
                 },
                 config: None,
                 resume: None,
+                tagger: tagger.clone(),
             },
         };
         let result = train::run(&train_args, stop)?;
@@ -134,7 +196,7 @@ pub fn run(args: &CompareArgs, stop: &AtomicBool) -> Result<bool, CompareError> 
     }
     report::cli(&report::ReportArgs {
         dirs,
-        out: Some(args.out.clone()),
+        out: Some(out.to_path_buf()),
     })?;
     Ok(true)
 }

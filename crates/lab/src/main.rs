@@ -3,11 +3,14 @@
 mod autoencoder;
 mod bench;
 mod compare;
+mod conllu;
 mod fastmath;
 mod mnist;
 mod optimizers;
 mod replay;
 mod report;
+mod tagger;
+mod tasks;
 mod train;
 
 use std::process::ExitCode;
@@ -52,29 +55,46 @@ enum Command {
 enum CompareTask {
     /// The MNIST autoencoder with each optimizer at its preset; report.md and plots in --out
     Autoencoder(compare::CompareArgs),
+    /// The Transformer tagger with each optimizer at its preset; report.md and plots in --out
+    Tagger(compare::CompareTaggerArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum TrainTask {
     /// The paper's MNIST autoencoder benchmark (NOTES.md §6)
     Autoencoder(train::TrainArgs),
+    /// The paper's Transformer POS tagger on Universal Dependencies (NOTES.md §6; default: UD
+    /// Ancient Greek PTNK, the small model)
+    Tagger(train::TaggerArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
-        Command::Train(TrainTask::Autoencoder(args)) => {
+        Command::Train(task) => {
+            let args = match task {
+                TrainTask::Autoencoder(args) => args,
+                TrainTask::Tagger(args) => args.into(),
+            };
             let stop = interrupt_flag();
             train::run(&args, &stop)
                 .map(|r| {
                     let loss = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+                    let s = &r.summary;
+                    let eval = match s.best_eval {
+                        Some(best) => format!(
+                            "eval loss {}, best eval accuracy {:.2}%",
+                            loss(s.final_test_loss),
+                            100.0 * best
+                        ),
+                        None => format!("test loss {}", loss(s.final_test_loss)),
+                    };
                     println!(
-                        "{}: {} epochs, train loss {}, test loss {}, params sha256 {}",
+                        "{}: {} epochs, train loss {}, {eval}, params sha256 {}",
                         r.out.display(),
-                        r.summary.epochs,
-                        loss(r.summary.final_train_loss),
-                        loss(r.summary.final_test_loss),
-                        r.summary.params_sha256
+                        s.epochs,
+                        loss(s.final_train_loss),
+                        s.params_sha256
                     );
                     // 130: the conventional status of a run ended by SIGINT.
                     match r.summary.ending {
@@ -84,17 +104,20 @@ fn main() -> ExitCode {
                 })
                 .map_err(Into::into)
         }
-        Command::Compare(CompareTask::Autoencoder(args)) => {
+        Command::Compare(task) => {
             let stop = interrupt_flag();
-            compare::run(&args, &stop)
-                .map(|done| {
-                    if done {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(130)
-                    }
-                })
-                .map_err(Into::into)
+            match task {
+                CompareTask::Autoencoder(args) => compare::run(&args, &stop),
+                CompareTask::Tagger(args) => compare::run_tagger(&args, &stop),
+            }
+            .map(|done| {
+                if done {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(130)
+                }
+            })
+            .map_err(Into::into)
         }
         Command::Report(args) => report::cli(&args)
             .map(|()| ExitCode::SUCCESS)

@@ -14,13 +14,11 @@ use precond::optimizer::NonFinitePolicy;
 use precond::shampoo::ShampooConfig;
 use precond::sketchy::SketchyConfig;
 use precond::{
-    GraftKind, Method, PrecondError, RhoMode, SharedBasisConfig, SharedBasisHandle,
+    Fallback, GraftKind, Method, PrecondError, RhoMode, SharedBasisConfig, SharedBasisHandle,
     SharedBasisOptimizerConfig, WeightDecayConfig, WeightDecayMode,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-
-use crate::autoencoder::Autoencoder;
 
 /// Names accepted by `--optimizer`: the presets.
 pub const OPTIMIZERS: &[&str] = &[
@@ -258,6 +256,16 @@ pub fn default_lr(name: &str) -> Result<f64, OptimizerError> {
     }
 }
 
+/// The default peak learning rate of a preset on the Transformer tagger (README, "Learning
+/// rates of the presets", says how they were chosen).
+pub fn default_tagger_lr(name: &str) -> Result<f64, OptimizerError> {
+    match name {
+        "adam" | "block-adam" => Ok(2e-3),
+        "shared-basis" | "shampoo-250" | "shampoo-1000" | "sketchy" => Ok(1e-3),
+        other => Err(OptimizerError::Unknown(other.to_string())),
+    }
+}
+
 /// Parses a grafting name of [`GRAFTS`].
 pub fn graft_kind(name: &str) -> Result<GraftKind, OptimizerError> {
     Ok(match name {
@@ -285,11 +293,12 @@ enum Accounting {
 }
 
 impl BuiltOptimizer {
-    /// Bytes of optimizer state for `model`. For shared-basis, the library's
-    /// `ParamOptimizer::state_bytes` summed over the parameters that have taken a step.
-    pub fn state_bytes(&self, model: &Autoencoder) -> u64 {
+    /// Bytes of optimizer state for a model of `num_params` parameters. For the library's
+    /// methods, its `ParamOptimizer::state_bytes` summed over the parameters that have taken a
+    /// step.
+    pub fn state_bytes(&self, num_params: usize) -> u64 {
         match &self.accounting {
-            Accounting::Adam => 2 * model.num_params() as u64 * 4,
+            Accounting::Adam => 2 * num_params as u64 * 4,
             Accounting::Library(handle) => handle.state_bytes() as u64,
         }
     }
@@ -384,21 +393,32 @@ pub fn library_config(h: &OptimizerHparams) -> Result<SharedBasisOptimizerConfig
 
 /// Build the optimizer named in `h`.
 pub fn build_optimizer(h: &OptimizerHparams) -> Result<BuiltOptimizer, OptimizerError> {
-    build(h, Vec::new())
+    build(h, Vec::new(), &[])
 }
 
 /// [`build_optimizer`] for `model`: the library's errors and warnings name its parameters by
 /// module path (`layers.0.weight`).
-pub fn build_optimizer_for(
+pub fn build_optimizer_for<M: Module>(
     h: &OptimizerHparams,
-    model: &Autoencoder,
+    model: &M,
 ) -> Result<BuiltOptimizer, OptimizerError> {
-    build(h, param_names(model))
+    build(h, param_names(model), &[])
+}
+
+/// [`build_optimizer_for`] with parameters that the library's methods do not precondition, each
+/// with its own fallback (the tagger's embedding table). Adam treats every parameter alike.
+pub fn build_optimizer_with<M: Module>(
+    h: &OptimizerHparams,
+    model: &M,
+    unpreconditioned: &[(ParamId, Fallback)],
+) -> Result<BuiltOptimizer, OptimizerError> {
+    build(h, param_names(model), unpreconditioned)
 }
 
 fn build(
     h: &OptimizerHparams,
     names: Vec<(ParamId, String)>,
+    unpreconditioned: &[(ParamId, Fallback)],
 ) -> Result<BuiltOptimizer, OptimizerError> {
     check(h)?;
     match h.name.as_str() {
@@ -418,9 +438,11 @@ fn build(
             })
         }
         _ if h.library.is_some() => {
-            let (optim, handle) = library_config(h)?
-                .with_param_names(names)
-                .init_with_handle()?;
+            let mut config = library_config(h)?.with_param_names(names);
+            for &(id, fallback) in unpreconditioned {
+                config = config.exclude_with(id, fallback);
+            }
+            let (optim, handle) = config.init_with_handle()?;
             Ok(BuiltOptimizer {
                 optim,
                 accounting: Accounting::Library(handle),
@@ -456,7 +478,7 @@ fn check(h: &OptimizerHparams) -> Result<(), OptimizerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::module::Module;
+    use crate::autoencoder::Autoencoder;
     use burn::optim::GradientsParams;
     use burn::tensor::{Device, Tensor};
 
@@ -509,7 +531,7 @@ mod tests {
     fn adam_state_is_two_moments_per_parameter() {
         let model = Autoencoder::new(0, &burn::tensor::Device::flex());
         let built = build_optimizer(&adam()).unwrap();
-        assert_eq!(built.state_bytes(&model), 2 * 2_837_314 * 4);
+        assert_eq!(built.state_bytes(model.num_params()), 2 * 2_837_314 * 4);
     }
 
     /// After one step, the library's accounting for the autoencoder equals the formula: per weight
@@ -532,7 +554,7 @@ mod tests {
             let k = b.min(32);
             floats += b * k + m * k * k + m + 2 * b * m + 2 * m;
         }
-        assert_eq!(built.state_bytes(&model), 4 * floats);
+        assert_eq!(built.state_bytes(model.num_params()), 4 * floats);
         assert!(built.take_last_error().is_none());
         assert_eq!(model.num_params(), 2_837_314);
     }
@@ -564,7 +586,7 @@ mod tests {
             }
             floats += 2 * b * m + 2 * m;
         }
-        assert_eq!(built.state_bytes(&model), 4 * floats);
+        assert_eq!(built.state_bytes(model.num_params()), 4 * floats);
         assert!(built.take_last_error().is_none());
     }
 
@@ -589,7 +611,7 @@ mod tests {
                 m * ((b.div_ceil(10) - 1) * 100 + last * last) + b * m + 2 * m
             })
             .sum();
-        assert_eq!(built.state_bytes(&model), 4 * floats);
+        assert_eq!(built.state_bytes(model.num_params()), 4 * floats);
         assert!(built.take_last_error().is_none());
     }
 }

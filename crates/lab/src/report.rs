@@ -75,6 +75,8 @@ pub struct Point {
     pub epoch: f64,
     pub train_loss: f64,
     pub wall_s: f64,
+    /// Tagger runs: the eval accuracy (ROOT excluded) in [0, 1].
+    pub eval_accuracy: Option<f64>,
 }
 
 /// A run directory, read.
@@ -130,8 +132,14 @@ pub fn report(dirs: &[PathBuf], out: Option<&Path>) -> Result<Report, ReportErro
     for (run, label) in runs.iter().zip(&labels) {
         md.push_str(&format!("- {label}: `{}`\n", run.dir.display()));
     }
+    let with_eval = runs
+        .iter()
+        .any(|r| r.points.iter().any(|p| p.eval_accuracy.is_some()));
     md.push_str("\n![train loss vs epoch](loss_vs_epoch.svg)\n");
     md.push_str("\n![train loss vs time](loss_vs_time.svg)\n");
+    if with_eval {
+        md.push_str("\n![best eval accuracy vs time](best_eval_vs_time.svg)\n");
+    }
     fs::write(&md_path, md).map_err(io_err(&md_path))?;
     written.push(md_path);
 
@@ -149,27 +157,43 @@ pub fn report(dirs: &[PathBuf], out: Option<&Path>) -> Result<Report, ReportErro
             })
             .collect()
     };
-    let plots = [
+    let mut plots = vec![
         (
             "loss_vs_epoch",
             "Train loss vs epoch",
             "epoch",
+            "train loss",
             series(|p| p.epoch),
         ),
         (
             "loss_vs_time",
             "Train loss vs wall time",
             "wall time (s)",
+            "train loss",
             series(|p| p.wall_s),
         ),
     ];
+    if with_eval {
+        let best = runs
+            .iter()
+            .zip(&labels)
+            .map(|(run, label)| (label.clone(), best_eval_series(&run.points)))
+            .collect();
+        plots.push((
+            "best_eval_vs_time",
+            "Best eval accuracy vs wall time",
+            "wall time (s)",
+            "best eval accuracy (%)",
+            best,
+        ));
+    }
     register_font();
-    for (name, title, x_desc, series) in &plots {
+    for (name, title, x_desc, y_desc, series) in &plots {
         let spec = PlotSpec {
             title,
             x_desc,
             integer_x: *name == "loss_vs_epoch",
-            y_desc: "train loss",
+            y_desc,
             series,
         };
         let png = out.join(format!("{name}.png"));
@@ -246,6 +270,7 @@ fn parse_epochs_csv(text: &str) -> Result<Vec<Point>, String> {
             .ok_or_else(|| format!("no `{name}` column in the header `{header}`"))
     };
     let (epoch, train, wall) = (col("epoch")?, col("train_loss")?, col("wall_s")?);
+    let accuracy = col("eval_accuracy").ok();
     lines
         .map(|(i, line)| {
             let cells: Vec<&str> = line.split(',').map(str::trim).collect();
@@ -260,6 +285,11 @@ fn parse_epochs_csv(text: &str) -> Result<Vec<Point>, String> {
                 epoch: get(epoch)?,
                 train_loss: get(train)?,
                 wall_s: get(wall)?,
+                // An empty cell (an epoch without evaluation) is no value.
+                eval_accuracy: match accuracy {
+                    Some(c) if cells.get(c).is_some_and(|v| !v.is_empty()) => Some(get(c)?),
+                    _ => None,
+                },
             })
         })
         .collect()
@@ -321,6 +351,32 @@ fn best_eval_percent(summary: &Value) -> Option<f64> {
     })
 }
 
+/// Wall time of the first epoch reaching the run's best eval accuracy.
+fn time_to_best(points: &[Point]) -> Option<f64> {
+    let best = points
+        .iter()
+        .filter_map(|p| p.eval_accuracy)
+        .reduce(f64::max)?;
+    points
+        .iter()
+        .find(|p| p.eval_accuracy == Some(best))
+        .map(|p| p.wall_s)
+}
+
+/// The running maximum of the eval accuracy in percent against wall time (Figure 4's right
+/// panel).
+fn best_eval_series(points: &[Point]) -> Vec<(f64, f64)> {
+    let mut best = f64::NEG_INFINITY;
+    points
+        .iter()
+        .filter_map(|p| {
+            let acc = p.eval_accuracy?;
+            best = best.max(acc);
+            Some((p.wall_s, 100.0 * best))
+        })
+        .collect()
+}
+
 /// The table (header, alignment row, one row per run, in order), each line ending in `\n`.
 pub fn markdown_table(runs: &[Run], labels: &[String]) -> String {
     let with_eval = runs.iter().any(|r| r.summary.get("best_eval").is_some());
@@ -328,7 +384,11 @@ pub fn markdown_table(runs: &[Run], labels: &[String]) -> String {
         "Optimizer",
         "Epochs",
         "Final train loss",
-        "Final test loss",
+        if with_eval {
+            "Final eval loss"
+        } else {
+            "Final test loss"
+        },
         "Total time (s)",
         "Median opt step (ms)",
         "Median fwd+bwd (ms)",
@@ -336,7 +396,11 @@ pub fn markdown_table(runs: &[Run], labels: &[String]) -> String {
         "Peak RSS (MB)",
     ];
     if with_eval {
-        header.push("Best eval accuracy (%)");
+        header.extend([
+            "Best eval accuracy (%)",
+            "Time to best eval (s)",
+            "Test accuracy (%)",
+        ]);
     }
     let mut out = format!("| {} |\n", header.join(" | "));
     let align: Vec<&str> = (0..header.len())
@@ -368,6 +432,8 @@ pub fn markdown_table(runs: &[Run], labels: &[String]) -> String {
         ];
         if with_eval {
             cells.push(fmt(best_eval_percent(s), 2));
+            cells.push(fmt(time_to_best(&run.points), 1));
+            cells.push(fmt(num("test_accuracy").map(|v| v * 100.0), 2));
         }
         out.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
@@ -394,6 +460,17 @@ struct PlotSpec<'a> {
     integer_x: bool,
     y_desc: &'a str,
     series: &'a [(String, Vec<(f64, f64)>)],
+}
+
+impl PlotSpec<'_> {
+    /// Accuracy rises: its legend goes where loss curves end, at the bottom.
+    fn legend_position(&self) -> SeriesLabelPosition {
+        if self.y_desc.contains("accuracy") {
+            SeriesLabelPosition::LowerRight
+        } else {
+            SeriesLabelPosition::UpperRight
+        }
+    }
 }
 
 /// Distinct line colors (the Tableau 10 palette), cycled.
@@ -476,7 +553,7 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, spec: &PlotSpec) -> Re
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(spec.legend_position())
         .label_font((FONT, 16))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)

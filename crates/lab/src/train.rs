@@ -1,8 +1,10 @@
-//! `precond train autoencoder`: the training loop of the MNIST autoencoder benchmark.
+//! `precond train autoencoder` and `precond train tagger`: one training loop for both benchmarks
+//! (the task-specific parts are [`crate::tasks::Workload`]s).
 //!
-//! Outputs in the run directory: `epochs.csv` (epoch,train_loss,test_loss,wall_s),
-//! `summary.json` and `checkpoint.bin` (written atomically at the end of every run and every
-//! `--save-every` epochs; `--resume DIR` continues a run bit for bit).
+//! Outputs in the run directory: `epochs.csv` (autoencoder: epoch,train_loss,test_loss,wall_s;
+//! tagger: epoch,train_loss,eval_loss,eval_accuracy,eval_accuracy_root,wall_s), `summary.json`
+//! and `checkpoint.bin` (written atomically at the end of every run and every `--save-every`
+//! epochs; `--resume DIR` continues a run bit for bit).
 
 use std::fs;
 use std::io::Write;
@@ -13,23 +15,29 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::store::ModuleRecord;
-use burn::tensor::{Bytes, Device, Tensor, TensorData};
+use burn::tensor::{Bytes, Device};
 use precond::{PrecondError, Schedule};
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::autoencoder::{sigmoid_cross_entropy, sigmoid_cross_entropy_sum, Autoencoder};
-use crate::mnist::{self, MnistError, Split, PIXELS};
+use crate::conllu::ConlluError;
+use crate::mnist::MnistError;
 use crate::optimizers::{
-    build_optimizer, build_optimizer_for, BuiltOptimizer, NonFinite, OptimizerError,
-    OptimizerHparams,
+    build_optimizer, default_tagger_lr, BuiltOptimizer, NonFinite, OptimizerError, OptimizerHparams,
+};
+use crate::tagger::TaggerDims;
+use crate::tasks::{
+    AutoencoderTask, EmbeddingRule, SizePreset, TagChoice, TaggerConfig, TaggerTask, Workload,
 };
 
 /// Default data directory (relative to the working directory).
 pub const DEFAULT_DATA: &str = "../shared/data/mnist";
+/// Default treebank files of the tagger: UD Ancient Greek PTNK.
+pub const DEFAULT_TRAIN: &str = "../shared/data/ud/ptnk/grc_ptnk-ud-train.conllu";
+pub const DEFAULT_EVAL: &str = "../shared/data/ud/ptnk/grc_ptnk-ud-dev.conllu";
+pub const DEFAULT_TEST: &str = "../shared/data/ud/ptnk/grc_ptnk-ud-test.conllu";
 /// Name of the checkpoint file in a run directory.
 pub const CHECKPOINT: &str = "checkpoint.bin";
 const CHECKPOINT_MAGIC: &[u8; 16] = b"PRECOND-CKPT-v1\n";
@@ -38,6 +46,8 @@ const CHECKPOINT_MAGIC: &[u8; 16] = b"PRECOND-CKPT-v1\n";
 pub enum TrainError {
     #[error(transparent)]
     Mnist(#[from] MnistError),
+    #[error(transparent)]
+    Conllu(#[from] ConlluError),
     #[error(transparent)]
     Optimizer(#[from] OptimizerError),
     #[error("{path}: {source}", path = path.display())]
@@ -71,7 +81,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSettings {
-    /// Directory holding the MNIST IDX files [default: ../shared/data/mnist]
+    /// Autoencoder: directory holding the MNIST IDX files [default: ../shared/data/mnist]
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Run directory [default: runs/<optimizer>-<UTC timestamp>]
@@ -134,22 +144,23 @@ pub struct TrainSettings {
     /// prints a warning [default: error]
     #[arg(long, value_enum)]
     pub nonfinite: Option<NonFinite>,
-    /// Examples per step [default: 1000]
+    /// Examples (images, sentences) per step [default: 1000; tagger 128]
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Epochs [default: 100]
+    /// Epochs [default: 100; tagger 30]
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Fraction of all steps used for linear warmup, then linear decay to 0 [default: 0.05]
+    /// Fraction of all steps used for linear warmup; then the autoencoder decays linearly to 0,
+    /// the tagger as 1/sqrt(step) (Flax's rsqrt) [default: 0.05; tagger 0.1]
     #[arg(long)]
     pub warmup_frac: Option<f64>,
-    /// Seed of the initialization and of the shuffling [default: 0]
+    /// Seed of the initialization, the shuffling and the dropout [default: 0]
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Use only the first N training images
+    /// Use only the first N training images (sentences)
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Use only the first N test images
+    /// Use only the first N test images (eval and test sentences)
     #[arg(long)]
     pub test_limit: Option<usize>,
     /// Also write the checkpoint every N epochs
@@ -192,22 +203,198 @@ impl TrainSettings {
             stop_after: self.stop_after.or(other.stop_after),
         }
     }
+}
 
-    /// Read settings from a TOML file.
-    pub fn from_toml_file(path: &Path) -> Result<TrainSettings, TrainError> {
-        let text = fs::read_to_string(path).map_err(io_err(path))?;
-        toml::from_str(&text).map_err(|e| TrainError::ConfigFile {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })
+/// The tagger's own settings (flags of `precond train tagger`, or keys of its `--config`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct TaggerSettings {
+    /// Training treebank (CoNLL-U) [default: ../shared/data/ud/ptnk/grc_ptnk-ud-train.conllu]
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    /// Treebank evaluated after every epoch [default: the PTNK dev file]
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Treebank evaluated once at the end of a completed run [default: the PTNK test file]
+    #[arg(long)]
+    pub test: Option<PathBuf>,
+    /// Target column: auto (XPOS where the training file has it, else UPOS), xpos, upos
+    /// [default: auto]
+    #[arg(long, value_enum)]
+    pub tag: Option<TagChoice>,
+    /// Words seen fewer times in the training file are unknown (UNK) [default: 1]
+    #[arg(long)]
+    pub min_count: Option<usize>,
+    /// Model preset; the size flags below override it [default: small]
+    #[arg(long, value_enum)]
+    pub size: Option<SizePreset>,
+    /// Encoder layers [small 2, paper 6]
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Model width [small 128, paper 512]
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// MLP width [small 512, paper 2048]
+    #[arg(long)]
+    pub mlp: Option<usize>,
+    /// Attention heads [small 4, paper 8]
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Dropout rate (embeddings, attention weights, residual branches, MLP) [default: 0.3]
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Library optimizers: the embedding table takes the grafting direction (graft) or SGD with
+    /// momentum (sgd, the paper's); it is never preconditioned [default: graft]
+    #[arg(long, value_enum)]
+    pub embedding: Option<EmbeddingRule>,
+}
+
+/// The keys of [`TaggerSettings`] in a TOML file (the rest belong to [`TrainSettings`]).
+const TAGGER_KEYS: &[&str] = &[
+    "train",
+    "eval",
+    "test",
+    "tag",
+    "min_count",
+    "size",
+    "layers",
+    "width",
+    "mlp",
+    "heads",
+    "dropout",
+    "embedding",
+];
+
+impl TaggerSettings {
+    /// `self` where set, else `other`.
+    pub fn or(self, other: TaggerSettings) -> TaggerSettings {
+        TaggerSettings {
+            train: self.train.or(other.train),
+            eval: self.eval.or(other.eval),
+            test: self.test.or(other.test),
+            tag: self.tag.or(other.tag),
+            min_count: self.min_count.or(other.min_count),
+            size: self.size.or(other.size),
+            layers: self.layers.or(other.layers),
+            width: self.width.or(other.width),
+            mlp: self.mlp.or(other.mlp),
+            heads: self.heads.or(other.heads),
+            dropout: self.dropout.or(other.dropout),
+            embedding: self.embedding.or(other.embedding),
+        }
+    }
+
+    /// The tagger's config: the preset's dimensions where no flag overrides them.
+    pub fn config(&self) -> TaggerConfig {
+        let size = self.size.unwrap_or_default();
+        // The vocabulary and tag counts come from the data later.
+        let preset = match size {
+            SizePreset::Small => TaggerDims::small(0, 0),
+            SizePreset::Paper => TaggerDims::paper(0, 0),
+        };
+        TaggerConfig {
+            train: self
+                .train
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_TRAIN)),
+            eval: self
+                .eval
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_EVAL)),
+            test: Some(
+                self.test
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_TEST)),
+            ),
+            tag: self.tag.unwrap_or_default(),
+            min_count: self.min_count.unwrap_or(1),
+            size,
+            layers: self.layers.unwrap_or(preset.layers),
+            width: self.width.unwrap_or(preset.width),
+            mlp: self.mlp.unwrap_or(preset.mlp),
+            heads: self.heads.unwrap_or(preset.heads),
+            dropout: self.dropout.unwrap_or(preset.dropout),
+            embedding: self.embedding.unwrap_or_default(),
+        }
+    }
+
+    /// The settings that reproduce `c` (for comparing a resume's flags with its checkpoint).
+    fn of(c: &TaggerConfig) -> TaggerSettings {
+        TaggerSettings {
+            train: Some(c.train.clone()),
+            eval: Some(c.eval.clone()),
+            test: c.test.clone(),
+            tag: Some(c.tag),
+            min_count: Some(c.min_count),
+            size: Some(c.size),
+            layers: Some(c.layers),
+            width: Some(c.width),
+            mlp: Some(c.mlp),
+            heads: Some(c.heads),
+            dropout: Some(c.dropout),
+            embedding: Some(c.embedding),
+        }
     }
 }
 
-/// `precond train autoencoder` arguments.
+/// Reads a `--config` TOML file: the common settings and, for the tagger, its own.
+fn settings_from_toml(
+    path: &Path,
+    tagger: bool,
+) -> Result<(TrainSettings, TaggerSettings), TrainError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    let bad = |msg: String| TrainError::ConfigFile {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut own = toml::Table::new();
+    if tagger {
+        for key in TAGGER_KEYS {
+            if let Some(v) = table.remove(*key) {
+                own.insert((*key).to_string(), v);
+            }
+        }
+    }
+    let common = TrainSettings::deserialize(table).map_err(|e| bad(e.to_string()))?;
+    let own = TaggerSettings::deserialize(own).map_err(|e| bad(e.to_string()))?;
+    Ok((common, own))
+}
+
+/// `precond train tagger` arguments.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TaggerArgs {
+    #[command(flatten)]
+    pub settings: TrainSettings,
+    #[command(flatten)]
+    pub tagger: TaggerSettings,
+    /// TOML file with any of the settings above (flags override it)
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in DIR from its checkpoint (hyperparameters come from the checkpoint)
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+}
+
+impl From<TaggerArgs> for TrainArgs {
+    fn from(a: TaggerArgs) -> TrainArgs {
+        TrainArgs {
+            settings: a.settings,
+            config: a.config,
+            resume: a.resume,
+            tagger: Some(a.tagger),
+        }
+    }
+}
+
+/// `precond train autoencoder` arguments (and, with `tagger` set, the tagger's).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub settings: TrainSettings,
+    /// The tagger's settings: `Some` for `train tagger`.
+    #[arg(skip)]
+    pub tagger: Option<TaggerSettings>,
     /// TOML file with any of the settings above (flags override it)
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -231,13 +418,29 @@ pub struct TrainConfig {
     pub loss: String,
     pub init: String,
     pub schedule: String,
+    /// The tagger's data, model and rules (absent for the autoencoder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tagger: Option<TaggerConfig>,
 }
 
 impl TrainConfig {
-    /// Resolve settings into a config, with defaults for what is unset.
+    /// Resolve autoencoder settings into a config, with defaults for what is unset.
+    #[cfg(test)]
     pub fn from_settings(s: &TrainSettings) -> Result<TrainConfig, TrainError> {
+        Self::resolve(s, None)
+    }
+
+    /// Resolve settings into a config, with defaults for what is unset: the autoencoder's, or
+    /// with `tagger` the tagger's.
+    pub fn resolve(
+        s: &TrainSettings,
+        tagger: Option<&TaggerSettings>,
+    ) -> Result<TrainConfig, TrainError> {
         let name = s.optimizer.clone().unwrap_or_else(|| "adam".to_string());
         let mut optimizer = OptimizerHparams::preset(&name)?;
+        if tagger.is_some() {
+            optimizer.lr = default_tagger_lr(&name)?;
+        }
         if let Some(v) = s.lr {
             optimizer.lr = v;
         }
@@ -297,22 +500,59 @@ impl TrainConfig {
                 return Err(refuse(flag).into());
             }
         }
-        let config = TrainConfig {
-            optimizer,
-            batch_size: s.batch_size.unwrap_or(1000),
-            epochs: s.epochs.unwrap_or(100),
-            warmup_frac: s.warmup_frac.unwrap_or(0.05),
-            seed: s.seed.unwrap_or(0),
-            limit: s.limit,
-            test_limit: s.test_limit,
-            data: s
-                .data
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
-            model: "784-1000-500-250-30-250-500-1000-784, tanh, linear code and output".into(),
-            loss: "sigmoid cross-entropy with logits, sum over pixels, mean over batch".into(),
-            init: "Glorot uniform weights (ChaCha8, seed), zero biases".into(),
-            schedule: "linear warmup over warmup_frac of the steps, then linear decay to 0".into(),
+        let config = match tagger {
+            None => TrainConfig {
+                optimizer,
+                batch_size: s.batch_size.unwrap_or(1000),
+                epochs: s.epochs.unwrap_or(100),
+                warmup_frac: s.warmup_frac.unwrap_or(0.05),
+                seed: s.seed.unwrap_or(0),
+                limit: s.limit,
+                test_limit: s.test_limit,
+                data: s
+                    .data
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
+                model: "784-1000-500-250-30-250-500-1000-784, tanh, linear code and output".into(),
+                loss: "sigmoid cross-entropy with logits, sum over pixels, mean over batch".into(),
+                init: "Glorot uniform weights (ChaCha8, seed), zero biases".into(),
+                schedule: "linear warmup over warmup_frac of the steps, then linear decay to 0"
+                    .into(),
+                tagger: None,
+            },
+            Some(t) => {
+                if s.data.is_some() {
+                    return Err(TrainError::Setting(
+                        "--data is the autoencoder's; the tagger reads --train, --eval and --test"
+                            .into(),
+                    ));
+                }
+                let tc = t.config();
+                TrainConfig {
+                    optimizer,
+                    batch_size: s.batch_size.unwrap_or(128),
+                    epochs: s.epochs.unwrap_or(30),
+                    warmup_frac: s.warmup_frac.unwrap_or(0.1),
+                    seed: s.seed.unwrap_or(0),
+                    limit: s.limit,
+                    test_limit: s.test_limit,
+                    data: tc.train.clone(),
+                    model: "pre-LayerNorm Transformer encoder: embedding + sinusoidal positions, \
+                            multi-head self-attention without bias, ELU MLP, dropout, final \
+                            LayerNorm, dense to the tags; a ROOT token first in every sentence"
+                        .into(),
+                    loss: "softmax cross-entropy, mean over the batch's tokens (ROOT included, \
+                           padding excluded)"
+                        .into(),
+                    init: "LeCun normal dense kernels, N(0, 1) embeddings, zero biases, unit \
+                           LayerNorm scales (ChaCha8, seed)"
+                        .into(),
+                    schedule: "linear warmup over warmup_frac of the steps, then 1/sqrt(step) \
+                               (Flax rsqrt, normalized to peak 1)"
+                        .into(),
+                    tagger: Some(tc),
+                }
+            }
         };
         config.check()?;
         Ok(config)
@@ -331,6 +571,17 @@ impl TrainConfig {
         }
         if self.limit == Some(0) || self.test_limit == Some(0) {
             return bad("limit and test_limit must be at least 1");
+        }
+        if let Some(t) = &self.tagger {
+            if !(0.0..1.0).contains(&t.dropout) {
+                return bad("dropout must be in [0, 1)");
+            }
+            if t.layers == 0 || t.width == 0 || t.mlp == 0 || t.heads == 0 {
+                return bad("layers, width, mlp and heads must be at least 1");
+            }
+            if t.width % t.heads != 0 {
+                return bad("width must be divisible by heads");
+            }
         }
         build_optimizer(&self.optimizer)?;
         Ok(())
@@ -353,6 +604,18 @@ fn set<T>(
     }
 }
 
+impl TrainConfig {
+    /// The learning-rate schedule of this run, `total` steps long.
+    pub fn schedule(&self, total: usize) -> Schedule {
+        match self.tagger {
+            None => lr_schedule(total, self.warmup_frac),
+            Some(_) => Schedule::WarmupRsqrt {
+                warmup_steps: ((self.warmup_frac * total as f64).ceil() as u64).max(1),
+            },
+        }
+    }
+}
+
 /// The learning-rate schedule of a run of `total` steps (the library's
 /// [`Schedule::WarmupLinearDecay`], evaluated at the 1-based step): linear warmup to 1 over the
 /// first ceil(warmup_frac · total) steps, then linear decay that would reach 0 one step after the
@@ -371,8 +634,15 @@ pub fn lr_schedule(total: usize, warmup_frac: f64) -> Schedule {
 pub struct EpochRow {
     pub epoch: usize,
     pub train_loss: f64,
+    /// Autoencoder: test loss; tagger: eval loss.
     pub test_loss: f64,
     pub wall_s: f64,
+    /// Tagger: eval token accuracy without the ROOT tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy: Option<f64>,
+    /// Tagger: eval token accuracy counting the ROOT tokens too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy_root: Option<f64>,
 }
 
 /// State of a ChaCha8 stream, restorable exactly.
@@ -435,6 +705,8 @@ pub enum Ending {
 /// `summary.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// autoencoder or tagger.
+    pub task: String,
     pub optimizer: String,
     pub config: TrainConfig,
     pub ending: Ending,
@@ -444,7 +716,24 @@ pub struct Summary {
     pub param_count: usize,
     pub first_batch_loss: Option<f64>,
     pub final_train_loss: Option<f64>,
+    /// Autoencoder: the test loss; tagger: the eval loss.
     pub final_test_loss: Option<f64>,
+    /// Tagger: the best eval accuracy (ROOT tokens excluded) over the epochs, in [0, 1].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_eval: Option<f64>,
+    /// Tagger: the best eval accuracy counting the ROOT tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_eval_root: Option<f64>,
+    /// Tagger: the last epoch's eval accuracy (ROOT excluded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_eval_accuracy: Option<f64>,
+    /// Tagger, completed run: `--test` accuracy (ROOT excluded, and counting ROOT) and loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_accuracy_root: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_loss: Option<f64>,
     pub median_step_s: Option<f64>,
     pub median_fwd_bwd_s: Option<f64>,
     pub median_opt_step_s: Option<f64>,
@@ -515,57 +804,49 @@ pub struct RunResult {
     pub rows: Vec<EpochRow>,
 }
 
-/// Run `precond train autoencoder`. `stop` is polled after every step (Ctrl-C sets it).
+/// Run `precond train autoencoder` or, with `args.tagger`, `precond train tagger`. `stop` is
+/// polled after every step (Ctrl-C sets it).
 pub fn run(args: &TrainArgs, stop: &AtomicBool) -> Result<RunResult, TrainError> {
     reset_peak_rss();
-    let file = match &args.config {
-        Some(path) => TrainSettings::from_toml_file(path)?,
-        None => TrainSettings::default(),
+    let tagger = args.tagger.is_some();
+    let (file, file_tagger) = match &args.config {
+        Some(path) => settings_from_toml(path, tagger)?,
+        None => Default::default(),
     };
     let settings = args.settings.clone().or(file);
-
+    let tagger_settings = args.tagger.clone().map(|t| t.or(file_tagger));
+    let control = Control {
+        save_every: settings.save_every,
+        stop_after: settings.stop_after,
+    };
     let device = Device::flex().autodiff();
-    let (out, config, model, optim, progress) = match &args.resume {
-        Some(dir) => resume(dir, &settings, &device)?,
+    match &args.resume {
+        Some(dir) => {
+            let (config, checkpoint) = resume(dir, &settings, tagger_settings.as_ref())?;
+            let start = Start {
+                out: dir.clone(),
+                config,
+                checkpoint: Some(checkpoint),
+            };
+            start.dispatch(&device, control, stop)
+        }
         None => {
-            let config = TrainConfig::from_settings(&settings)?;
-            let out = settings
-                .out
-                .clone()
-                .unwrap_or_else(|| default_out(&config.optimizer.name));
+            let config = TrainConfig::resolve(&settings, tagger_settings.as_ref())?;
+            let out = settings.out.clone().unwrap_or_else(|| default_out(&config));
             if out.join(CHECKPOINT).exists() {
                 return Err(TrainError::Setting(format!(
                     "{} already holds a run; use --resume {0} or another --out",
                     out.display()
                 )));
             }
-            let model = Autoencoder::new(config.seed, &device);
-            let optim = build_optimizer_for(&config.optimizer, &model)?;
-            let progress = Progress {
-                config: config.clone(),
-                epochs_done: 0,
-                step: 0,
-                step_in_epoch: 0,
-                epoch_rng: RngState::of(&ChaCha8Rng::seed_from_u64(config.seed)),
-                epoch_loss_sum: 0.0,
-                rows: Vec::new(),
-                first_batch_loss: None,
-                fwd_bwd_s: Vec::new(),
-                opt_step_s: Vec::new(),
-                wall_s: 0.0,
+            let start = Start {
+                out,
+                config,
+                checkpoint: None,
             };
-            (out, config, model, optim, progress)
+            start.dispatch(&device, control, stop)
         }
-    };
-    fs::create_dir_all(&out).map_err(io_err(&out))?;
-    let data = mnist::load(&config.data, config.limit, config.test_limit)?;
-    let control = Control {
-        save_every: settings.save_every,
-        stop_after: settings.stop_after,
-    };
-    train_loop(
-        &out, config, model, optim, progress, &data, &device, control, stop,
-    )
+    }
 }
 
 struct Control {
@@ -573,9 +854,97 @@ struct Control {
     stop_after: Option<usize>,
 }
 
-type Resumed = (PathBuf, TrainConfig, Autoencoder, BuiltOptimizer, Progress);
+/// A checkpoint's sections: where the run stands, the model record, the optimizer record.
+type Checkpoint = (Progress, Vec<u8>, Vec<u8>);
 
-fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resumed, TrainError> {
+/// A run about to start or continue.
+struct Start {
+    out: PathBuf,
+    config: TrainConfig,
+    checkpoint: Option<Checkpoint>,
+}
+
+impl Start {
+    /// Loads the task's data and trains.
+    fn dispatch(
+        self,
+        device: &Device,
+        control: Control,
+        stop: &AtomicBool,
+    ) -> Result<RunResult, TrainError> {
+        if self.config.tagger.is_some() {
+            let work = TaggerTask::load(&self.config)?;
+            self.run(work, device, control, stop)
+        } else {
+            let work = AutoencoderTask::load(&self.config)?;
+            self.run(work, device, control, stop)
+        }
+    }
+
+    /// Builds (or restores) the model, optimizer and progress of `work`, then trains.
+    fn run<W: Workload>(
+        self,
+        work: W,
+        device: &Device,
+        control: Control,
+        stop: &AtomicBool,
+    ) -> Result<RunResult, TrainError> {
+        let Start {
+            out,
+            config,
+            checkpoint,
+        } = self;
+        let model = work.model(config.seed, device);
+        let (model, optim, progress) = match checkpoint {
+            None => {
+                let optim = work.optimizer(&config.optimizer, &model)?;
+                let progress = Progress {
+                    config: config.clone(),
+                    epochs_done: 0,
+                    step: 0,
+                    step_in_epoch: 0,
+                    epoch_rng: RngState::of(&ChaCha8Rng::seed_from_u64(config.seed)),
+                    epoch_loss_sum: 0.0,
+                    rows: Vec::new(),
+                    first_batch_loss: None,
+                    fwd_bwd_s: Vec::new(),
+                    opt_step_s: Vec::new(),
+                    wall_s: 0.0,
+                };
+                (model, optim, progress)
+            }
+            Some((progress, model_bytes, optim_bytes)) => {
+                let path = out.join(CHECKPOINT);
+                let ckpt_err = |msg: String| TrainError::Checkpoint {
+                    path: path.clone(),
+                    msg,
+                };
+                let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(model_bytes))
+                    .map_err(|e| ckpt_err(format!("model record: {e}")))?;
+                let model = model
+                    .try_load_record(record)
+                    .map_err(|e| ckpt_err(format!("model record: {e}")))?;
+                let mut optim = work.optimizer(&config.optimizer, &model)?;
+                optim.optim = optim
+                    .optim
+                    .from_bytes(Bytes::from_bytes_vec(optim_bytes))
+                    .map_err(|e| ckpt_err(format!("optimizer record: {e}")))?;
+                (model, optim, progress)
+            }
+        };
+        fs::create_dir_all(&out).map_err(io_err(&out))?;
+        train_loop(
+            &out, &work, config, model, optim, progress, device, control, stop,
+        )
+    }
+}
+
+/// Reads the checkpoint of the run in `dir` and checks that the settings given agree with it.
+fn resume(
+    dir: &Path,
+    settings: &TrainSettings,
+    tagger: Option<&TaggerSettings>,
+) -> Result<(TrainConfig, Checkpoint), TrainError> {
     let path = dir.join(CHECKPOINT);
     if !path.is_file() {
         return Err(TrainError::Checkpoint {
@@ -585,6 +954,21 @@ fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resum
     }
     let (progress, model_bytes, optim_bytes) = read_checkpoint(&path)?;
     let saved = progress.config.clone();
+    match (tagger.is_some(), saved.tagger.is_some()) {
+        (true, false) => {
+            return Err(TrainError::Setting(format!(
+                "--resume {}: an autoencoder run; continue it with `precond train autoencoder`",
+                dir.display()
+            )))
+        }
+        (false, true) => {
+            return Err(TrainError::Setting(format!(
+                "--resume {}: a tagger run; continue it with `precond train tagger`",
+                dir.display()
+            )))
+        }
+        _ => {}
+    }
     if let Some(out) = &settings.out {
         if out != dir {
             return Err(TrainError::Setting(
@@ -601,7 +985,14 @@ fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resum
         stop_after: None,
         ..settings.clone()
     };
-    if given != TrainSettings::default() {
+    let tagger_differs = match (tagger, &saved.tagger) {
+        (Some(t), Some(c)) => {
+            let of = TaggerSettings::of(c);
+            t.clone().or(of.clone()) != of
+        }
+        _ => false,
+    };
+    if given != TrainSettings::default() || tagger_differs {
         let sb = saved.optimizer.library.as_ref();
         let saved_settings = TrainSettings {
             optimizer: Some(saved.optimizer.name.clone()),
@@ -628,7 +1019,7 @@ fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resum
             test_limit: saved.test_limit,
             ..TrainSettings::default()
         };
-        if given.clone().or(saved_settings.clone()) != saved_settings {
+        if tagger_differs || given.clone().or(saved_settings.clone()) != saved_settings {
             return Err(TrainError::Setting(format!(
                 "--resume {}: settings differ from the checkpoint's; a resumed run keeps its \
                  hyperparameters (only --data, --save-every and --stop-after may be given)",
@@ -640,40 +1031,25 @@ fn resume(dir: &Path, settings: &TrainSettings, device: &Device) -> Result<Resum
     if let Some(data) = &settings.data {
         config.data = data.clone();
     }
-    let ckpt_err = |msg: String| TrainError::Checkpoint {
-        path: path.clone(),
-        msg,
-    };
-    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(model_bytes))
-        .map_err(|e| ckpt_err(format!("model record: {e}")))?;
-    let model = Autoencoder::new(config.seed, device)
-        .try_load_record(record)
-        .map_err(|e| ckpt_err(format!("model record: {e}")))?;
-    let mut optim = build_optimizer_for(&config.optimizer, &model)?;
-    optim.optim = optim
-        .optim
-        .from_bytes(Bytes::from_bytes_vec(optim_bytes))
-        .map_err(|e| ckpt_err(format!("optimizer record: {e}")))?;
-    Ok((dir.to_path_buf(), config, model, optim, progress))
+    Ok((config, (progress, model_bytes, optim_bytes)))
 }
 
 #[allow(clippy::too_many_arguments)]
-fn train_loop(
+fn train_loop<W: Workload>(
     out: &Path,
+    work: &W,
     config: TrainConfig,
-    mut model: Autoencoder,
+    mut model: W::Model,
     mut optim: BuiltOptimizer,
     mut p: Progress,
-    data: &mnist::Mnist,
     device: &Device,
     control: Control,
     stop: &AtomicBool,
 ) -> Result<RunResult, TrainError> {
-    let train = &data.train;
-    let n = train.n;
+    let n = work.train_len();
     let bs = config.batch_size;
     let steps_per_epoch = n.div_ceil(bs);
-    let schedule = lr_schedule(steps_per_epoch * config.epochs, config.warmup_frac);
+    let schedule = config.schedule(steps_per_epoch * config.epochs);
     let ckpt_path = out.join(CHECKPOINT);
     let nonfinite = config
         .optimizer
@@ -692,10 +1068,9 @@ fn train_loop(
     let epochs_at_start = p.epochs_done;
     let mut ending = Ending::Completed;
     eprintln!(
-        "training {} on {} images ({} test), batch {bs}, {} epochs ({} steps/epoch) -> {}",
+        "training {} on {}, batch {bs}, {} epochs ({} steps/epoch) -> {}",
         config.optimizer.name,
-        n,
-        data.test.n,
+        work.describe(),
         config.epochs,
         steps_per_epoch,
         out.display()
@@ -703,16 +1078,11 @@ fn train_loop(
 
     'epochs: while p.epochs_done < config.epochs {
         let epoch_rng = RngState::of(&rng);
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut rng);
+        let batches = work.epoch_batches(&mut rng, bs);
         while p.step_in_epoch < steps_per_epoch {
-            let lo = p.step_in_epoch * bs;
-            let idx = &order[lo..(lo + bs).min(n)];
-            let batch = gather(train, idx, device);
-
+            let idx = &batches[p.step_in_epoch];
             let t0 = Instant::now();
-            let logits = model.forward(batch.clone());
-            let loss = sigmoid_cross_entropy(logits, batch);
+            let loss = work.train_loss(&model, idx, p.step as u64 + 1, device);
             let grads = loss.backward();
             let loss_value = f64::from(loss.into_scalar::<f32>());
             sync(device);
@@ -741,7 +1111,7 @@ fn train_loop(
             }
         }
         let train_loss = p.epoch_loss_sum / steps_per_epoch as f64;
-        let test_loss = eval_loss(&model, &data.test, bs);
+        let eval = work.evaluate(&model, bs);
         p.epochs_done += 1;
         p.step_in_epoch = 0;
         p.epoch_loss_sum = 0.0;
@@ -750,10 +1120,12 @@ fn train_loop(
         p.rows.push(EpochRow {
             epoch: p.epochs_done,
             train_loss,
-            test_loss,
+            test_loss: eval.loss,
             wall_s: p.wall_s,
+            eval_accuracy: eval.accuracy.map(|a| a.word_fraction()),
+            eval_accuracy_root: eval.accuracy.map(|a| a.fraction()),
         });
-        write_csv(out, &p.rows)?;
+        write_csv(out, &p.rows, config.tagger.is_some())?;
         progress_line(&p, &config, steps_per_epoch, epochs_at_start, &session);
 
         if stop.load(Ordering::SeqCst) {
@@ -773,8 +1145,21 @@ fn train_loop(
     }
     p.wall_s = wall_base + session.elapsed().as_secs_f64();
     write_checkpoint(&ckpt_path, &p, &model, &optim.optim)?;
-    write_csv(out, &p.rows)?;
+    write_csv(out, &p.rows, config.tagger.is_some())?;
 
+    let complete = p.epochs_done == config.epochs;
+    let test = if complete {
+        work.test(&model, bs)
+    } else {
+        None
+    };
+    if let Some(acc) = test.and_then(|t| t.accuracy) {
+        eprintln!(
+            "test accuracy {:.2}% ({:.2}% counting ROOT)",
+            100.0 * acc.word_fraction(),
+            100.0 * acc.fraction()
+        );
+    }
     let steps: Vec<f64> = p
         .fwd_bwd_s
         .iter()
@@ -782,26 +1167,39 @@ fn train_loop(
         .map(|(a, b)| a + b)
         .collect();
     let last = p.rows.last();
+    let best = |f: fn(&EpochRow) -> Option<f64>| p.rows.iter().filter_map(f).reduce(f64::max);
     let summary = Summary {
+        task: if config.tagger.is_some() {
+            "tagger"
+        } else {
+            "autoencoder"
+        }
+        .into(),
         optimizer: config.optimizer.name.clone(),
         config: config.clone(),
         ending,
-        complete: p.epochs_done == config.epochs,
+        complete,
         epochs: p.epochs_done,
         steps: p.step,
         param_count: model.num_params(),
         first_batch_loss: p.first_batch_loss,
         final_train_loss: last.map(|r| r.train_loss),
         final_test_loss: last.map(|r| r.test_loss),
+        best_eval: best(|r| r.eval_accuracy),
+        best_eval_root: best(|r| r.eval_accuracy_root),
+        final_eval_accuracy: last.and_then(|r| r.eval_accuracy),
+        test_accuracy: test.and_then(|t| t.accuracy).map(|a| a.word_fraction()),
+        test_accuracy_root: test.and_then(|t| t.accuracy).map(|a| a.fraction()),
+        test_loss: test.map(|t| t.loss),
         median_step_s: median(&steps),
         median_fwd_bwd_s: median(&p.fwd_bwd_s),
         median_opt_step_s: median(&p.opt_step_s),
         mean_opt_step_s: (!p.opt_step_s.is_empty())
             .then(|| p.opt_step_s.iter().sum::<f64>() / p.opt_step_s.len() as f64),
         wall_s: p.wall_s,
-        optimizer_state_bytes: optim.state_bytes(&model),
+        optimizer_state_bytes: optim.state_bytes(model.num_params()),
         peak_rss_bytes: peak_rss_bytes(),
-        params_sha256: model.params_sha256(),
+        params_sha256: work.params_sha256(&model),
         machine: Machine::detect(),
     };
     let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
@@ -870,29 +1268,6 @@ fn sync(device: &Device) {
     let _ = device.sync();
 }
 
-/// The examples `idx` of `split` as a `[len, 784]` tensor.
-fn gather(split: &Split, idx: &[usize], device: &Device) -> Tensor<2> {
-    let mut buf = Vec::with_capacity(idx.len() * PIXELS);
-    for &i in idx {
-        buf.extend_from_slice(split.image(i));
-    }
-    Tensor::from_data(TensorData::new(buf, [idx.len(), PIXELS]), device)
-}
-
-/// Mean loss over `split`, in batches of `bs`, without autodiff.
-pub fn eval_loss(model: &Autoencoder, split: &Split, bs: usize) -> f64 {
-    let model = model.valid();
-    let device = Device::flex();
-    let idx: Vec<usize> = (0..split.n).collect();
-    let mut sum = 0.0f64;
-    for chunk in idx.chunks(bs.max(1)) {
-        let batch = gather(split, chunk, &device);
-        let logits = model.forward(batch.clone());
-        sum += f64::from(sigmoid_cross_entropy_sum(logits, batch).into_scalar::<f32>());
-    }
-    sum / split.n.max(1) as f64
-}
-
 fn progress_line(
     p: &Progress,
     config: &TrainConfig,
@@ -907,12 +1282,15 @@ fn progress_line(
     let done_here = (p.epochs_done - epochs_at_start).max(1);
     let per_epoch = session.elapsed().as_secs_f64() / done_here as f64;
     let eta = per_epoch * (config.epochs - p.epochs_done) as f64;
+    let eval = match (config.tagger.is_some(), row.eval_accuracy) {
+        (true, Some(acc)) => format!("eval {:.4}  accuracy {:.2}%", row.test_loss, 100.0 * acc),
+        _ => format!("test {:.4}", row.test_loss),
+    };
     eprintln!(
-        "epoch {}/{}  train {:.4}  test {:.4}  step {:.3}s (fwd+bwd {:.3}s, opt {:.3}s)  elapsed {}  ETA {}",
+        "epoch {}/{}  train {:.4}  {eval}  step {:.3}s (fwd+bwd {:.3}s, opt {:.3}s)  elapsed {}  ETA {}",
         row.epoch,
         config.epochs,
         row.train_loss,
-        row.test_loss,
         fb + os,
         fb,
         os,
@@ -926,13 +1304,19 @@ fn hms(s: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-fn write_csv(out: &Path, rows: &[EpochRow]) -> Result<(), TrainError> {
-    let mut text = String::from("epoch,train_loss,test_loss,wall_s\n");
+fn write_csv(out: &Path, rows: &[EpochRow], tagger: bool) -> Result<(), TrainError> {
+    let mut text = String::from(if tagger {
+        "epoch,train_loss,eval_loss,eval_accuracy,eval_accuracy_root,wall_s\n"
+    } else {
+        "epoch,train_loss,test_loss,wall_s\n"
+    });
     for r in rows {
-        text.push_str(&format!(
-            "{},{},{},{:.3}\n",
-            r.epoch, r.train_loss, r.test_loss, r.wall_s
-        ));
+        let (e, l, w) = (r.epoch, r.train_loss, r.wall_s);
+        text.push_str(&match (tagger, r.eval_accuracy, r.eval_accuracy_root) {
+            (true, Some(a), Some(b)) => format!("{e},{l},{},{a},{b},{w:.3}\n", r.test_loss),
+            (true, _, _) => format!("{e},{l},{},,,{w:.3}\n", r.test_loss),
+            (false, _, _) => format!("{e},{l},{},{w:.3}\n", r.test_loss),
+        });
     }
     write_atomic(&out.join("epochs.csv"), text.as_bytes())
 }
@@ -952,10 +1336,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
 /// Checkpoint layout: magic, then three length-prefixed (u64 LE) sections: progress JSON, the
 /// model record (burnpack bytes of `ModuleRecord`), the optimizer record (burnpack bytes of
 /// `ModuleOptimizer::to_record`).
-fn write_checkpoint(
+fn write_checkpoint<M: Module>(
     path: &Path,
     p: &Progress,
-    model: &Autoencoder,
+    model: &M,
     optim: &burn::optim::ModuleOptimizer,
 ) -> Result<(), TrainError> {
     let ckpt_err = |msg: String| TrainError::Checkpoint {
@@ -1015,12 +1399,18 @@ fn read_checkpoint(path: &Path) -> Result<(Progress, Vec<u8>, Vec<u8>), TrainErr
     Ok((progress, model, optim))
 }
 
-/// `runs/<optimizer>-<UTC yyyymmdd-hhmmss>`.
-fn default_out(optimizer: &str) -> PathBuf {
+/// `runs/[tagger-]<optimizer>-<UTC yyyymmdd-hhmmss>`.
+fn default_out(config: &TrainConfig) -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    PathBuf::from("runs").join(format!("{optimizer}-{}", utc_stamp(secs)))
+    let task = if config.tagger.is_some() {
+        "tagger-"
+    } else {
+        ""
+    };
+    let optimizer = &config.optimizer.name;
+    PathBuf::from("runs").join(format!("{task}{optimizer}-{}", utc_stamp(secs)))
 }
 
 /// `yyyymmdd-hhmmss` (UTC) of a Unix time.
@@ -1048,6 +1438,10 @@ fn utc_stamp(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::autoencoder::{sigmoid_cross_entropy, Autoencoder};
+    use crate::mnist;
+    use crate::optimizers::build_optimizer_for;
+    use burn::tensor::{Tensor, TensorData};
 
     #[test]
     fn peak_rss_resets_between_runs() {
@@ -1095,7 +1489,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("c.toml");
         fs::write(&path, "lr = 0.01\nbatch_size = 50\nepochs = 3\n").unwrap();
-        let file = TrainSettings::from_toml_file(&path).unwrap();
+        let file = settings_from_toml(&path, false).map(|(s, _)| s).unwrap();
         let flags = TrainSettings {
             lr: Some(0.5),
             ..Default::default()
@@ -1106,7 +1500,8 @@ mod tests {
         assert_eq!(c.optimizer.beta2, 0.999);
 
         fs::write(&path, "learning_rate = 0.01\n").unwrap();
-        let err = TrainSettings::from_toml_file(&path)
+        let err = settings_from_toml(&path, false)
+            .map(|(s, _)| s)
             .unwrap_err()
             .to_string();
         assert!(err.contains("learning_rate"), "{err}");
@@ -1251,6 +1646,235 @@ mod tests {
             r.rows.iter().map(|r| (r.train_loss, r.test_loss)).collect()
         };
         assert_eq!(losses(&resumed), losses(&straight));
+    }
+
+    /// A synthetic treebank in `dir`: sentences over 12 words whose UPOS is a function of the
+    /// word (so a tagger can learn it), XPOS empty. Returns (train, eval) paths.
+    fn treebank(dir: &Path, sentences: usize, seed: u64) -> (PathBuf, PathBuf) {
+        use rand::Rng;
+        const TAGS: [&str; 4] = ["NOUN", "VERB", "DET", "ADJ"];
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut write = |name: &str, n: usize| {
+            let mut text = String::new();
+            for s in 0..n {
+                text.push_str(&format!("# sent_id = {s}\n"));
+                let len = rng.random_range(2..9usize);
+                for i in 1..=len {
+                    let w: usize = rng.random_range(0..12);
+                    let tag = TAGS[w % 4];
+                    text.push_str(&format!("{i}\tw{w}\t_\t{tag}\t_\t_\t0\t_\t_\t_\n"));
+                }
+                text.push('\n');
+            }
+            let path = dir.join(name);
+            fs::write(&path, text).unwrap();
+            path
+        };
+        let train = write("train.conllu", sentences);
+        let eval = write("dev.conllu", sentences / 4 + 1);
+        (train, eval)
+    }
+
+    fn tagger_args(tmp: &Path, out: &str, optimizer: &str, epochs: usize) -> TrainArgs {
+        let (train, eval) = treebank(tmp, 96, 3);
+        TrainArgs {
+            settings: TrainSettings {
+                out: Some(tmp.join(out)),
+                optimizer: Some(optimizer.into()),
+                epochs: Some(epochs),
+                batch_size: Some(32),
+                ..Default::default()
+            },
+            tagger: Some(TaggerSettings {
+                train: Some(train),
+                eval: Some(eval.clone()),
+                test: Some(eval),
+                layers: Some(1),
+                width: Some(16),
+                mlp: Some(32),
+                heads: Some(2),
+                dropout: Some(0.1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The tagger goes through the same loop: it learns the word → tag map of the synthetic
+    /// treebank (well above the 25% of guessing), writes the tagger's columns and summary keys,
+    /// and a run stopped mid-way and resumed (dropout included) equals a straight one bitwise.
+    #[test]
+    fn tagger_learns_writes_its_outputs_and_resumes_bitwise() {
+        let tmp = tempfile::tempdir().unwrap();
+        let no_stop = AtomicBool::new(false);
+        let mut args = tagger_args(tmp.path(), "straight", "adam", 12);
+        args.settings.lr = Some(1e-2);
+        let straight = run(&args, &no_stop).unwrap();
+        let s = &straight.summary;
+        assert_eq!(s.task, "tagger");
+        assert_eq!(s.steps, 12 * 3, "96 sentences in batches of 32");
+        let best = s.best_eval.unwrap();
+        assert!(best > 0.6, "best eval accuracy {best}");
+        assert!(s.best_eval_root.unwrap() > best, "ROOT is always right");
+        assert!(s.test_accuracy.is_some() && s.test_loss.is_some());
+        assert!(s.final_train_loss.unwrap() < s.first_batch_loss.unwrap());
+        let csv = fs::read_to_string(straight.out.join("epochs.csv")).unwrap();
+        assert!(
+            csv.starts_with("epoch,train_loss,eval_loss,eval_accuracy,eval_accuracy_root,wall_s\n")
+        );
+        assert_eq!(csv.lines().count(), 13);
+        let json: serde_json::Value =
+            serde_json::from_slice(&fs::read(straight.out.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(json["config"]["tagger"]["tag"], "auto");
+        assert!((json["best_eval"].as_f64().unwrap() - best).abs() < 1e-12);
+
+        let mut first = tagger_args(tmp.path(), "split", "adam", 12);
+        first.settings.lr = Some(1e-2);
+        first.settings.stop_after = Some(5);
+        let part = run(&first, &no_stop).unwrap();
+        assert_eq!(part.summary.ending, Ending::StopAfter);
+        assert!(part.summary.test_accuracy.is_none(), "test only at the end");
+        // The autoencoder command refuses a tagger run, and changed tagger settings are refused.
+        let wrong = TrainArgs {
+            resume: Some(part.out.clone()),
+            ..Default::default()
+        };
+        let err = run(&wrong, &no_stop).unwrap_err().to_string();
+        assert!(err.contains("tagger run"), "{err}");
+        let changed = TrainArgs {
+            resume: Some(part.out.clone()),
+            tagger: Some(TaggerSettings {
+                width: Some(32),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let err = run(&changed, &no_stop).unwrap_err().to_string();
+        assert!(err.contains("settings differ"), "{err}");
+        let resumed = run(
+            &TrainArgs {
+                resume: Some(part.out.clone()),
+                tagger: Some(TaggerSettings::default()),
+                ..Default::default()
+            },
+            &no_stop,
+        )
+        .unwrap();
+        assert_eq!(resumed.summary.params_sha256, s.params_sha256);
+        assert_eq!(resumed.summary.best_eval, s.best_eval);
+        assert_eq!(resumed.summary.test_accuracy, s.test_accuracy);
+    }
+
+    /// The library's methods train the tagger with its per-parameter rules: the embedding table
+    /// is not preconditioned (graft or SGD), and the state bytes are the library's.
+    #[test]
+    fn tagger_trains_with_shared_basis_and_either_embedding_rule() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut bytes = Vec::new();
+        for (i, rule) in [EmbeddingRule::Graft, EmbeddingRule::Sgd]
+            .into_iter()
+            .enumerate()
+        {
+            let mut args = tagger_args(tmp.path(), &format!("sb{i}"), "shared-basis", 2);
+            args.settings.lr = Some(3e-3);
+            args.tagger.as_mut().unwrap().embedding = Some(rule);
+            let r = run(&args, &AtomicBool::new(false)).unwrap();
+            let s = &r.summary;
+            assert!(
+                s.final_train_loss.unwrap() < s.first_batch_loss.unwrap(),
+                "{rule:?}"
+            );
+            bytes.push(s.optimizer_state_bytes);
+        }
+        // SGD with momentum keeps one buffer for the embedding table, grafting two.
+        assert!(bytes[1] < bytes[0], "{bytes:?}");
+    }
+
+    #[test]
+    fn tagger_settings_come_from_flags_and_toml() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("t.toml");
+        fs::write(
+            &path,
+            "lr = 0.01\nwidth = 64\nheads = 2\ntag = \"upos\"\nembedding = \"sgd\"\n",
+        )
+        .unwrap();
+        let (common, own) = settings_from_toml(&path, true).unwrap();
+        assert_eq!(common.lr, Some(0.01));
+        assert_eq!(own.width, Some(64));
+        assert_eq!(own.tag, Some(TagChoice::Upos));
+        assert_eq!(own.embedding, Some(EmbeddingRule::Sgd));
+        // Every tagger key is a field of TaggerSettings (and taken from the file).
+        for key in TAGGER_KEYS {
+            let value = match *key {
+                "tag" => "\"upos\"".to_string(),
+                "size" => "\"paper\"".to_string(),
+                "embedding" => "\"sgd\"".to_string(),
+                "dropout" => "0.5".to_string(),
+                "train" | "eval" | "test" => "\"x\"".to_string(),
+                _ => "3".to_string(),
+            };
+            fs::write(&path, format!("{key} = {value}\n")).unwrap();
+            let (_, own) = settings_from_toml(&path, true).unwrap();
+            assert_ne!(own, TaggerSettings::default(), "{key}");
+            // The autoencoder's config refuses it.
+            assert!(settings_from_toml(&path, false).is_err(), "{key}");
+        }
+        // Defaults: the small preset on PTNK.
+        let c = TrainConfig::resolve(&TrainSettings::default(), Some(&TaggerSettings::default()))
+            .unwrap();
+        let t = c.tagger.as_ref().unwrap();
+        assert_eq!(
+            (t.layers, t.width, t.mlp, t.heads, t.dropout),
+            (2, 128, 512, 4, 0.3)
+        );
+        assert_eq!((c.batch_size, c.epochs), (128, 30));
+        assert_eq!(t.train, PathBuf::from(DEFAULT_TRAIN));
+        let paper = TaggerSettings {
+            size: Some(SizePreset::Paper),
+            layers: Some(3),
+            ..Default::default()
+        }
+        .config();
+        assert_eq!(
+            (paper.layers, paper.width, paper.mlp, paper.heads),
+            (3, 512, 2048, 8)
+        );
+        // Bad sizes and --data are refused with clear messages.
+        let bad = TaggerSettings {
+            width: Some(30),
+            heads: Some(4),
+            ..Default::default()
+        };
+        let err = TrainConfig::resolve(&TrainSettings::default(), Some(&bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("divisible"), "{err}");
+        let data = TrainSettings {
+            data: Some("x".into()),
+            ..Default::default()
+        };
+        let err = TrainConfig::resolve(&data, Some(&TaggerSettings::default()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--train"), "{err}");
+        // The rsqrt schedule: warmup to 1 at 10% of the steps, then sqrt(w / t).
+        let sched = c.schedule(200);
+        assert!((sched.factor(10) - 0.5).abs() < 1e-12);
+        assert!((sched.factor(20) - 1.0).abs() < 1e-12);
+        assert!((sched.factor(80) - 0.5).abs() < 1e-12);
+    }
+
+    /// A malformed treebank stops the run with `file:line`.
+    #[test]
+    fn tagger_reports_a_bad_treebank_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut args = tagger_args(tmp.path(), "bad", "adam", 1);
+        let bad = tmp.path().join("bad.conllu");
+        fs::write(&bad, "1\tw\t_\tNOUN\t_\t_\t0\t_\t_\t_\n2\tw\t_\n").unwrap();
+        args.tagger.as_mut().unwrap().train = Some(bad);
+        let err = run(&args, &AtomicBool::new(false)).unwrap_err().to_string();
+        assert!(err.contains("bad.conllu:2:"), "{err}");
     }
 
     #[test]
@@ -1413,7 +2037,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("c.toml");
         fs::write(&path, "optimizer = \"sketchy\"\nnonfinite = \"skip\"\n").unwrap();
-        let file = TrainSettings::from_toml_file(&path).unwrap();
+        let file = settings_from_toml(&path, false).map(|(s, _)| s).unwrap();
         assert_eq!(file.nonfinite, Some(NonFinite::Skip));
         let c = TrainConfig::from_settings(&file.clone()).unwrap();
         assert_eq!(c.optimizer.library.unwrap().nonfinite, NonFinite::Skip);
@@ -1424,7 +2048,8 @@ mod tests {
         let c = TrainConfig::from_settings(&flags.or(file)).unwrap();
         assert_eq!(c.optimizer.library.unwrap().nonfinite, NonFinite::Error);
         fs::write(&path, "nonfinite = \"ignore\"\n").unwrap();
-        let err = TrainSettings::from_toml_file(&path)
+        let err = settings_from_toml(&path, false)
+            .map(|(s, _)| s)
             .unwrap_err()
             .to_string();
         assert!(err.contains("ignore"), "{err}");
