@@ -1775,8 +1775,8 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            let mut args = tagger_args(tmp.path(), &format!("sb{i}"), "shared-basis", 2);
-            args.settings.lr = Some(3e-3);
+            let mut args = tagger_args(tmp.path(), &format!("sb{i}"), "shared-basis", 6);
+            args.settings.lr = Some(1e-3);
             args.tagger.as_mut().unwrap().embedding = Some(rule);
             let r = run(&args, &AtomicBool::new(false)).unwrap();
             let s = &r.summary;
