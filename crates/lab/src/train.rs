@@ -67,6 +67,11 @@ pub enum TrainError {
          step; --nonfinite skip skips such updates instead"
     )]
     NonFinite { step: usize, msg: String },
+    #[error(
+        "step {step}: the training loss is {loss}: the run diverged and stops here without \
+         saving this step (a smaller --lr may help)"
+    )]
+    Diverged { step: usize, loss: f64 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -1087,6 +1092,12 @@ fn train_loop<W: Workload>(
             let loss_value = f64::from(loss.into_scalar::<f32>());
             sync(device);
             let t1 = Instant::now();
+            if !loss_value.is_finite() {
+                return Err(TrainError::Diverged {
+                    step: p.step + 1,
+                    loss: loss_value,
+                });
+            }
             let grads = GradientsParams::from_grads(grads, &model);
             let lr = schedule.lr(config.optimizer.lr, p.step as u64 + 1);
             let skips = optim.nonfinite_skips();
@@ -1863,6 +1874,22 @@ mod tests {
         assert!((sched.factor(10) - 0.5).abs() < 1e-12);
         assert!((sched.factor(20) - 1.0).abs() < 1e-12);
         assert!((sched.factor(80) - 0.5).abs() < 1e-12);
+    }
+
+    /// A diverging run (here Adam at a huge rate) stops at the first non-finite loss with an
+    /// error naming the step.
+    #[test]
+    fn divergence_stops_the_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut args = tagger_args(tmp.path(), "diverged", "adam", 12);
+        args.settings.lr = Some(1e12);
+        match run(&args, &AtomicBool::new(false)) {
+            Err(TrainError::Diverged { step, loss }) => {
+                assert!(step > 1 && step <= 36, "step {step}");
+                assert!(!loss.is_finite());
+            }
+            other => panic!("expected divergence, got {:?}", other.map(|r| r.summary)),
+        }
     }
 
     /// A malformed treebank stops the run with `file:line`.
