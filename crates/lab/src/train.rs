@@ -141,7 +141,7 @@ pub struct TrainSettings {
     #[arg(long)]
     pub nesterov: Option<bool>,
     /// ours: first step (1-based) of preconditioning; grafting alone before [default: 1;
-    /// shampoo, sketchy: 101]
+    /// shampoo, sketchy: 101 (tagger: 11)]
     #[arg(long)]
     pub start_step: Option<u64>,
     /// ours: a gradient with NaN or infinity: error stops the run naming the step and the
@@ -253,6 +253,10 @@ pub struct TaggerSettings {
     #[arg(long, value_enum)]
     pub embedding: Option<EmbeddingRule>,
 }
+
+/// Shampoo's and Sketchy's first preconditioned step on the tagger (the autoencoder's presets
+/// start at 101, distributed Shampoo's default; the tagger's whole default run is 180 steps).
+pub const TAGGER_START_STEP: u64 = 11;
 
 /// The keys of [`TaggerSettings`] in a TOML file (the rest belong to [`TrainSettings`]).
 const TAGGER_KEYS: &[&str] = &[
@@ -462,6 +466,10 @@ impl TrainConfig {
             optimizer.weight_decay = v;
         }
         if let Some(lib) = optimizer.library.as_mut() {
+            // Shampoo's and Sketchy's 100 grafting-only steps would be most of the tagger's 180.
+            if tagger.is_some() && lib.start_step > 1 {
+                lib.start_step = TAGGER_START_STEP;
+            }
             lib.graft = s.graft.clone().unwrap_or(lib.graft.clone());
             lib.nesterov = s.nesterov.unwrap_or(lib.nesterov);
             lib.start_step = s.start_step.unwrap_or(lib.start_step);
@@ -1841,6 +1849,25 @@ mod tests {
         );
         assert_eq!((c.batch_size, c.epochs), (128, 30));
         assert_eq!(t.train, PathBuf::from(DEFAULT_TRAIN));
+        assert_eq!(c.optimizer.lr, 3e-3);
+        // Shampoo starts preconditioning at step 11 on the tagger (101 on the autoencoder)
+        // unless told otherwise.
+        let start = |s: &TrainSettings, t: Option<&TaggerSettings>| {
+            let c = TrainConfig::resolve(s, t).unwrap();
+            (c.optimizer.library.unwrap().start_step, c.optimizer.lr)
+        };
+        let shampoo = TrainSettings {
+            optimizer: Some("shampoo-1000".into()),
+            ..Default::default()
+        };
+        let tagger = TaggerSettings::default();
+        assert_eq!(start(&shampoo, Some(&tagger)), (TAGGER_START_STEP, 1e-4));
+        assert_eq!(start(&shampoo, None), (101, 1e-4));
+        let given = TrainSettings {
+            start_step: Some(31),
+            ..shampoo.clone()
+        };
+        assert_eq!(start(&given, Some(&tagger)).0, 31);
         let paper = TaggerSettings {
             size: Some(SizePreset::Paper),
             layers: Some(3),
