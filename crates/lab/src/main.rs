@@ -9,6 +9,7 @@ mod mnist;
 mod optimizers;
 mod replay;
 mod report;
+mod search;
 mod tagger;
 mod tasks;
 mod train;
@@ -49,6 +50,10 @@ enum Command {
     /// (θ_{t+1} = θ_t + lr·u_t)
     #[command(long_about = replay::LONG_ABOUT)]
     Replay(replay::ReplayArgs),
+    /// Random hyperparameter search of one optimizer (resumable): one run directory per trial,
+    /// summary.md and best.toml in --out
+    #[command(subcommand)]
+    Search(search::SearchTask),
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +143,18 @@ fn main() -> ExitCode {
             })
             .map_err(Into::into),
         Command::Replay(args) => replay::command(&args).map_err(Into::into),
+        Command::Search(task) => {
+            let stop = interrupt_flag();
+            search::command(&task, &stop)
+                .map(|done| {
+                    if done {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(130)
+                    }
+                })
+                .map_err(Into::into)
+        }
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e}");
