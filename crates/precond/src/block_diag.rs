@@ -21,10 +21,24 @@
 //! scratch, eigendecomposes them and writes the direction into a workspace; only when every
 //! chunk succeeded does a second pass apply the (bitwise identical) moment updates to the
 //! state, so an error leaves the state as it was.
+//!
+//! **Linear-algebra failures** (the policy of [`crate::optimizer`]). A chunk's f32
+//! eigendecomposition that fails is retried in f64 inside [`crate::linalg::SymEig`] (V converted
+//! to f64, eigenpairs rounded back); a retry that succeeds is not counted. When it still fails
+//! (no convergence in f64 too) the chunk keeps its previous root: the root of step t − 1,
+//! (V_{t−1}/(1 − β2^{t−1}) + εI)^{−1/2} (ε^{−1/2} I at t = 1), recomputed from the state's
+//! V_{t−1} (Block Adam stores no root), is applied to this step's m̂; the moments V and m absorb
+//! this step's gradient all the same, and [`Preconditioner::linalg_health`] counts the step
+//! (`failures`, and `consecutive`, which a step whose chunks all succeed resets). The step is
+//! refused with [`PrecondError::LinalgFailure`] (state unchanged, nothing counted) when a
+//! chunk's updated V holds ∞ (an f32 overflow: no root can be computed from it), when the
+//! previous root cannot be recomputed either, or when the direction is not finite. Erroring
+//! after too many failures in a row is [`crate::optimizer::ParamOptimizer`]'s job
+//! ([`crate::OptimizerConfig::max_linalg_failures`]).
 
 use crate::error::{invalid, PrecondError, Result};
-use crate::linalg::SymEig;
-use crate::preconditioner::{check_finite, check_shapes, check_view, Preconditioner};
+use crate::linalg::{lower_finite, SymEig};
+use crate::preconditioner::{check_finite, check_shapes, check_view, LinalgHealth, Preconditioner};
 use crate::scalar::Scalar;
 use faer::{Mat, MatMut, MatRef};
 use rayon::prelude::*;
@@ -170,6 +184,8 @@ struct StepScalars<T: Scalar> {
     moment_correction: T,
     /// 1 − β2ᵗ, or 1 with β2 = 1.
     stat_correction: T,
+    /// 1 − β2^{t−1} (0 at t = 1), or 1 with β2 = 1: the previous step's correction.
+    prev_stat_correction: T,
     eps: T,
 }
 
@@ -191,6 +207,11 @@ impl<T: Scalar> StepScalars<T> {
                 1.0
             }),
             stat_correction: T::of(if sum { 1.0 } else { 1.0 - config.beta2.powf(t) }),
+            prev_stat_correction: T::of(if sum {
+                1.0
+            } else {
+                1.0 - config.beta2.powf(t - 1.0)
+            }),
             eps: T::of(config.eps),
         }
     }
@@ -227,6 +248,10 @@ pub struct BlockAdam<T: Scalar> {
     second_moment: Vec<T>,
     /// m, column-major b × m; empty when β1 = 0.
     first_moment: Vec<T>,
+    /// Steps with a chunk that kept its previous root (absent from states saved before it
+    /// existed: zeros).
+    #[serde(default)]
+    linalg: LinalgHealth,
     #[serde(skip)]
     work: Workspace<T>,
 }
@@ -240,6 +265,7 @@ impl<T: Scalar> Clone for BlockAdam<T> {
             step: self.step,
             second_moment: self.second_moment.clone(),
             first_moment: self.first_moment.clone(),
+            linalg: self.linalg,
             work: Workspace::default(),
         }
     }
@@ -252,6 +278,7 @@ impl<T: Scalar> std::fmt::Debug for BlockAdam<T> {
             .field("rows", &self.rows)
             .field("blocks", &self.blocks)
             .field("step", &self.step)
+            .field("linalg", &self.linalg)
             .finish_non_exhaustive()
     }
 }
@@ -276,6 +303,7 @@ impl<T: Scalar> BlockAdam<T> {
             step: 0,
             second_moment: Vec::new(),
             first_moment: vec![T::zero(); first],
+            linalg: LinalgHealth::default(),
             work: Workspace::default(),
         };
         opt.second_moment = vec![T::zero(); blocks * opt.column_len()];
@@ -367,16 +395,48 @@ impl<T: Scalar> BlockAdam<T> {
     }
 }
 
+/// What the first pass did for one chunk (ordered: a worse outcome is larger).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Chunk {
+    /// The root of the updated V.
+    Fresh,
+    /// The eigendecomposition failed (in f64 too): the previous root was used.
+    Kept,
+    /// No direction: V overflowed, or the previous root could not be recomputed either.
+    Refused,
+}
+
+/// u = −Q diag((max(λ, 0)/corr + ε)^{−1/2}) Qᵀ m̂ from the decomposition in `sc.eig`
+/// (eigenvalues taken as 0 when corr = 0, i.e. V̂ = 0).
+fn apply_root<T: Scalar>(sc: &mut ChunkScratch<T>, correction: T, eps: T, out: &mut [T]) {
+    let s = sc.grad.len();
+    let q = &sc.eig.vectors;
+    for j in 0..s {
+        let proj = (0..s).fold(T::zero(), |acc, r| acc + q[(r, j)] * sc.moment[r]);
+        let lambda = sc.eig.value(j);
+        let lambda = if lambda > T::zero() && correction > T::zero() {
+            lambda / correction
+        } else {
+            T::zero()
+        };
+        sc.coef[j] = proj / (lambda + eps).sqrt();
+    }
+    // u = −Q coef.
+    for (r, u) in out.iter_mut().enumerate() {
+        *u = -(0..s).fold(T::zero(), |acc, j| acc + q[(r, j)] * sc.coef[j]);
+    }
+}
+
 /// First pass for one chunk: updated moments into scratch, then u = −(V̂ + εI)^{−1/2} m̂ into
-/// `out` (length n, the scratch's chunk length). Reads the state, never writes it. Returns false when the
-/// eigendecomposition failed.
+/// `out` (length n, the scratch's chunk length), or with the previous root when the
+/// eigendecomposition fails (module docs). Reads the state, never writes it.
 fn chunk_direction<T: Scalar>(
     k: &StepScalars<T>,
     sc: &mut ChunkScratch<T>,
     old_stat: &[T],
     old_moment: Option<&[T]>,
     out: &mut [T],
-) -> bool {
+) -> Chunk {
     let s = sc.grad.len();
     // m̂ = (β1 m + (1 − β1) g) / (1 − β1ᵗ), or g.
     match old_moment {
@@ -394,26 +454,24 @@ fn chunk_direction<T: Scalar>(
             sc.stat[(r, c)] = k.stat(old_stat[c * s + r], sc.grad[r], gc);
         }
     }
+    if !lower_finite(sc.stat.as_ref()) {
+        return Chunk::Refused;
+    }
+    if sc.eig.compute(sc.stat.as_ref()) {
+        apply_root(sc, k.stat_correction, k.eps, out);
+        return Chunk::Fresh;
+    }
+    // The previous root: (V_{t−1}/(1 − β2^{t−1}) + εI)^{−1/2}, from the state's V_{t−1}.
+    for c in 0..s {
+        for r in c..s {
+            sc.stat[(r, c)] = old_stat[c * s + r];
+        }
+    }
     if !sc.eig.compute(sc.stat.as_ref()) {
-        return false;
+        return Chunk::Refused;
     }
-    // coef = diag((max(λ, 0)/(1 − β2ᵗ) + ε)^{−1/2}) Qᵀ m̂.
-    let q = &sc.eig.vectors;
-    for j in 0..s {
-        let proj = (0..s).fold(T::zero(), |acc, r| acc + q[(r, j)] * sc.moment[r]);
-        let lambda = sc.eig.value(j);
-        let lambda = if lambda > T::zero() {
-            lambda / k.stat_correction
-        } else {
-            T::zero()
-        };
-        sc.coef[j] = proj / (lambda + k.eps).sqrt();
-    }
-    // u = −Q coef.
-    for (r, u) in out.iter_mut().enumerate() {
-        *u = -(0..s).fold(T::zero(), |acc, j| acc + q[(r, j)] * sc.coef[j]);
-    }
-    true
+    apply_root(sc, k.prev_stat_correction, k.eps, out);
+    Chunk::Kept
 }
 
 impl<T: Scalar> Preconditioner<T> for BlockAdam<T> {
@@ -440,17 +498,20 @@ impl<T: Scalar> Preconditioner<T> for BlockAdam<T> {
         let per_task = w.cols_per_task;
         let second_moment = &self.second_moment;
         let first_moment = &self.first_moment;
-        let ok = w
+        // Every chunk runs (no short cut), so that the worst outcome does not depend on the
+        // scheduling.
+        let worst = w
             .direction
             .par_chunks_mut(per_task * b)
             .zip(w.scratch.par_iter_mut())
             .enumerate()
-            .all(|(task, (dirs, sc))| {
+            .map(|(task, (dirs, sc))| {
                 let first_col = task * per_task;
-                dirs.chunks_mut(b).enumerate().all(|(c, dir)| {
+                let mut worst = Chunk::Fresh;
+                for (c, dir) in dirs.chunks_mut(b).enumerate() {
                     let i = first_col + c;
                     let g = grad.col(i);
-                    (0..chunks).all(|j| {
+                    for j in 0..chunks {
                         let (r0, n) = (j * s, chunk_len(j));
                         let sc = sc.for_len(n);
                         for (r, v) in sc.grad.iter_mut().enumerate() {
@@ -460,27 +521,24 @@ impl<T: Scalar> Preconditioner<T> for BlockAdam<T> {
                         let old_moment = k
                             .has_momentum
                             .then(|| &first_moment[i * b + r0..i * b + r0 + n]);
-                        chunk_direction(
+                        worst = worst.max(chunk_direction(
                             &k,
                             sc,
                             &second_moment[at..at + n * n],
                             old_moment,
                             &mut dir[r0..r0 + n],
-                        )
-                    })
-                })
-            });
-        if !ok {
-            return Err(PrecondError::LinalgFailure {
-                kernel: "block eigendecomposition",
-                step: self.step + 1,
-            });
+                        ));
+                    }
+                }
+                worst
+            })
+            .reduce(|| Chunk::Fresh, Chunk::max);
+        let t = self.step + 1;
+        if worst == Chunk::Refused {
+            return Err(self.linalg.refusal("block eigendecomposition", t));
         }
         if !w.direction.iter().all(|v| v.is_finite()) {
-            return Err(PrecondError::LinalgFailure {
-                kernel: "block direction",
-                step: self.step + 1,
-            });
+            return Err(self.linalg.refusal("block direction", t));
         }
 
         // Pass 2 (commit): the same moment updates, in place.
@@ -512,8 +570,14 @@ impl<T: Scalar> Preconditioner<T> for BlockAdam<T> {
                 });
         }
         direction.copy_from(MatRef::from_column_major_slice(&self.work.direction, b, m));
-        self.step += 1;
+        self.linalg
+            .record((worst == Chunk::Kept).then_some("Block Adam inverse root"));
+        self.step = t;
         Ok(())
+    }
+
+    fn linalg_health(&self) -> LinalgHealth {
+        self.linalg
     }
 
     /// (m·((chunks − 1)·s² + last²) + (β1 > 0 ? b·m : 0)) · size_of::<T>(), with
@@ -537,7 +601,8 @@ mod tests {
     //! Jacobi eigensolver, no faer.
 
     use super::*;
-    use crate::testing::jacobi_eigen_rows;
+    use crate::linalg::{inject_failures, injected_remaining, FaultKind};
+    use crate::testing::{jacobi_eigen_rows, on_one_thread};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use rand_distr::{Distribution, StandardNormal};
@@ -1105,5 +1170,136 @@ mod tests {
         assert_eq!(back, config);
         let defaulted: BlockAdamConfig = serde_json::from_str(r#"{"block_size": 4}"#).unwrap();
         assert_eq!(defaulted, adam_config(4));
+    }
+
+    /// Directions of every chunk from the oracle's moments after its last step: the root of
+    /// V̂_t, except chunk (0, 0) when `kept` gives the previous V̂ (the failed chunk).
+    fn oracle_direction(oracle: &Oracle, kept: Option<&Vec<Vec<f64>>>) -> Vec<Vec<f64>> {
+        oracle
+            .last
+            .iter()
+            .enumerate()
+            .map(|(i, chunks)| {
+                chunks
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(j, (vhat, mhat))| {
+                        let v = match kept {
+                            Some(prev) if (i, j) == (0, 0) => prev,
+                            _ => vhat,
+                        };
+                        inv_root_apply(v, oracle.eps, mhat)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// ε large enough that f32 directions are well conditioned from step 1.
+    fn conditioned_config() -> BlockAdamConfig {
+        BlockAdamConfig {
+            eps: 1e-2,
+            ..adam_config(3)
+        }
+    }
+
+    /// Block Adam in `T` with chunk (0, 0)'s eigendecomposition failing in both precisions at
+    /// step `fail_at` (injected): that chunk applies the previous root, (V̂_{t−1} + εI)^{−1/2}
+    /// (ε^{−1/2} I at t = 1), to m̂_t, checked against the Jacobi oracle; the moments absorb the
+    /// gradient exactly as in an untouched twin; the step is counted, and the next one resets
+    /// the run. Returns the worst relative error against the oracle.
+    fn previous_root_case<T: Scalar>(fail_at: usize) -> f64 {
+        let (b, m) = (7, 2);
+        let config = conditioned_config();
+        let grads = gradients(b, m, 5, 0.5, 21);
+        let mut state = BlockAdam::<T>::new(&config, b, m).unwrap();
+        let mut twin = state.clone();
+        let mut oracle = Oracle::new(&config, b, m);
+        let mut worst = 0.0f64;
+        for (s, g) in grads.iter().enumerate() {
+            let t = s + 1;
+            // V̂_{t−1} of chunk (0, 0): zero before the first step.
+            let prev = oracle
+                .last
+                .first()
+                .and_then(|c| c.first())
+                .map_or_else(|| vec![vec![0.0; 3]; 3], |c| c.0.clone());
+            oracle.step(g);
+            let failed = t == fail_at;
+            let want = oracle_direction(&oracle, failed.then_some(&prev));
+            let gt = to_mat::<T>(g);
+            let (mut u, mut w) = (Mat::<T>::zeros(b, m), Mat::<T>::zeros(b, m));
+            inject_failures(FaultKind::Both, usize::from(failed));
+            state.precondition(gt.as_ref(), u.as_mut()).unwrap();
+            assert_eq!(injected_remaining(), 0);
+            twin.precondition(gt.as_ref(), w.as_mut()).unwrap();
+            worst = worst.max(max_chunk_rel_err(u.as_ref(), &want, 3));
+            assert!((0..m).all(|i| (0..b).all(|r| u[(r, i)].is_finite())));
+            if failed {
+                // Not vacuous: the failed chunk moved differently from the twin's.
+                let diff = (0..3).fold(0.0f64, |a, r| a.max((u[(r, 0)] - w[(r, 0)]).f64().abs()));
+                assert!(diff > 1e-3 * w[(0, 0)].f64().abs(), "step {t}: {diff:e}");
+                // The other chunks are untouched by the failure.
+                assert_eq!(u.as_ref().subrows(3, 4), w.as_ref().subrows(3, 4));
+                assert_eq!(u.col(1), w.col(1));
+            } else {
+                assert_eq!(u, w, "step {t}");
+            }
+            for i in 0..m {
+                for j in 0..state.chunks_per_column() {
+                    assert_eq!(state.second_moment(i, j), twin.second_moment(i, j));
+                }
+            }
+            assert_eq!(state.first_moment(), twin.first_moment());
+            let health = state.linalg_health();
+            assert_eq!(
+                (health.failures, health.consecutive),
+                (u64::from(t >= fail_at), u64::from(failed)),
+                "step {t}"
+            );
+        }
+        worst
+    }
+
+    #[test]
+    fn failed_root_in_both_precisions_uses_the_previous_root() {
+        on_one_thread(|| {
+            for fail_at in [1, 3] {
+                let err64 = previous_root_case::<f64>(fail_at);
+                let err32 = previous_root_case::<f32>(fail_at);
+                println!("fail at {fail_at}: max rel err f64 {err64:.2e}, f32 {err32:.2e}");
+                assert!(err64 <= 1e-10, "f64 {err64:e}");
+                assert!(err32 <= 1e-4, "f32 {err32:e}");
+            }
+        });
+    }
+
+    /// An f32 eigendecomposition failure (every chunk of step 3) retried in f64 gives the
+    /// direction of an untouched twin within f32 rounding, and is not counted.
+    #[test]
+    fn f32_root_failure_is_retried_in_f64() {
+        on_one_thread(|| {
+            let (b, m) = (7, 2);
+            let config = conditioned_config();
+            let grads = gradients(b, m, 5, 0.5, 22);
+            let mut state = BlockAdam::<f32>::new(&config, b, m).unwrap();
+            let mut twin = state.clone();
+            let chunks = m * state.chunks_per_column();
+            for (s, g) in grads.iter().enumerate() {
+                let gt = to_mat::<f32>(g);
+                let (mut u, mut w) = (Mat::<f32>::zeros(b, m), Mat::<f32>::zeros(b, m));
+                inject_failures(FaultKind::F32Only, if s == 2 { 100 } else { 0 });
+                state.precondition(gt.as_ref(), u.as_mut()).unwrap();
+                if s == 2 {
+                    // Every chunk's f32 attempt failed, and nothing else was called.
+                    assert_eq!(injected_remaining(), 100 - chunks);
+                    inject_failures(FaultKind::F32Only, 0);
+                }
+                twin.precondition(gt.as_ref(), w.as_mut()).unwrap();
+                let err = (u.as_ref() - w.as_ref()).norm_max() / w.norm_max();
+                assert!(err <= 1e-5, "step {}: {err:e}", s + 1);
+            }
+            assert_eq!(state.linalg_health(), LinalgHealth::default());
+        });
     }
 }

@@ -56,7 +56,8 @@
 //! created with, whatever the loading optimizer's configuration; a state that cannot be decoded
 //! is skipped by burn's `load_record` and that parameter starts afresh. States written before
 //! [`OptimizerConfig::nonfinite`] existed (codec version 1) load with its default,
-//! [`NonFinitePolicy::Error`].
+//! [`NonFinitePolicy::Error`]; states written before the linear-algebra failure counts
+//! (version 2) load with zero counts and [`OptimizerConfig::max_linalg_failures`] at its default.
 
 use crate::error::{PrecondError, Result};
 use crate::graft::{GraftConfig, GraftKind};
@@ -732,8 +733,32 @@ mod codec {
     use std::fmt;
 
     const MAGIC: &[u8; 4] = b"PCSB";
-    /// 2: `OptimizerConfig` ends with `nonfinite`. Version 1 (without it) is still read.
-    const VERSION: u32 = 2;
+    /// 2: `OptimizerConfig` ends with `nonfinite`. 3: `OptimizerConfig` ends with
+    /// `max_linalg_failures` and the method states with their `linalg` counts. Versions 1 and 2
+    /// are still read (see [`ADDED`]).
+    const VERSION: u32 = 3;
+
+    /// Fields appended to a struct after version 1, as (version that added it, struct, field),
+    /// in the order they were added. A record of an older version ends those structs before
+    /// them, and serde's defaults fill them in.
+    const ADDED: &[(u32, &str, &str)] = &[
+        (2, "OptimizerConfig", "nonfinite"),
+        (3, "OptimizerConfig", "max_linalg_failures"),
+        (3, "SharedBasis", "linalg"),
+        (3, "Shampoo", "linalg"),
+        (3, "Sketchy", "linalg"),
+        (3, "BlockAdam", "linalg"),
+    ];
+
+    /// How many of `fields` (the struct `name`'s) a record of `version` holds.
+    fn stored_fields(version: u32, name: &str, fields: &[&str]) -> usize {
+        let newer = |field: &&&str| {
+            ADDED
+                .iter()
+                .any(|&(v, n, f)| v > version && n == name && f == **field)
+        };
+        fields.len() - fields.iter().rev().take_while(newer).count()
+    }
 
     #[derive(Debug)]
     pub struct Error(String);
@@ -778,9 +803,9 @@ mod codec {
             version: 0,
         };
         let v = d.u32()?;
-        if v != VERSION && v != 1 {
+        if !(1..=VERSION).contains(&v) {
             return Err(Error(format!(
-                "unsupported version {v} (expected 1 or {VERSION})"
+                "unsupported version {v} (expected 1 to {VERSION})"
             )));
         }
         d.version = v;
@@ -1089,15 +1114,8 @@ mod codec {
             fields: &'static [&'static str],
             visitor: V,
         ) -> Res<V::Value> {
-            // Version 1 predates OptimizerConfig's last field; serde(default) fills it in.
-            let left = if self.version == 1
-                && name == "OptimizerConfig"
-                && fields.last() == Some(&"nonfinite")
-            {
-                fields.len() - 1
-            } else {
-                fields.len()
-            };
+            // Older versions predate the fields of ADDED; serde(default) fills them in.
+            let left = stored_fields(self.version, name, fields);
             visitor.visit_seq(Seq { de: self, left })
         }
         fn deserialize_enum<V: Visitor<'de>>(
@@ -1759,10 +1777,33 @@ mod tests {
         }
     }
 
-    /// A state encoded before `OptimizerConfig::nonfinite` existed (codec version 1: the config
-    /// ends one field earlier) decodes with the default policy and continues bitwise.
+    /// `v3`, the version-3 record of the shared-basis parameter `o`, as version 1 or 2 wrote
+    /// it: without the fields added since (codec `ADDED`).
+    fn older_record(o: &ParamOptimizer, v3: &[u8], version: u32) -> Vec<u8> {
+        let len = |bytes: Vec<u8>| bytes.len() - 8;
+        let config_end = 8 + len(codec::encode(o.config()));
+        // Fields: config, view, path, precond (an Option: one tag byte), graft, momentum, step.
+        let method_end = config_end
+            + len(codec::encode(o.view()))
+            + len(codec::encode(&o.path()))
+            + 1
+            + len(codec::encode(o.preconditioner().unwrap()));
+        // The config ends with nonfinite (a u32 variant index) and max_linalg_failures (u64),
+        // the method state with its two u64 counts.
+        let config_cut = if version == 1 { 12 } else { 8 };
+        let mut out = b"PCSB".to_vec();
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&v3[8..config_end - config_cut]);
+        out.extend_from_slice(&v3[config_end..method_end - 16]);
+        out.extend_from_slice(&v3[method_end..]);
+        out
+    }
+
+    /// States encoded before `OptimizerConfig::nonfinite` existed (codec version 1) and before
+    /// the linear-algebra failure counts (version 2: `max_linalg_failures` and the method's
+    /// `linalg`) decode with the defaults and continue bitwise.
     #[test]
-    fn codec_reads_version_1_states() {
+    fn codec_reads_version_1_and_2_states() {
         let cfg = config().with_seed(5);
         let mut o = ParamOptimizer::new(cfg.config(), &[6, 5], None, false).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(2);
@@ -1771,26 +1812,34 @@ mod tests {
             let g = normal(30, 1.0, &mut rng);
             o.step(&mut p, &g, 0.1).unwrap();
         }
-        let v2 = encode_param_optimizer(&o);
-        assert_eq!(&v2[4..8], &2u32.to_le_bytes());
-        // The config is the optimizer's first field; its last 4 bytes are the policy's index.
+        let v3 = encode_param_optimizer(&o);
+        assert_eq!(&v3[4..8], &3u32.to_le_bytes());
+        // The layout older_record assumes: the config ends with nonfinite = 0 and
+        // max_linalg_failures = 3, the method state with two zero counts.
         let config_len = codec::encode(o.config()).len() - 8;
-        assert_eq!(&v2[8 + config_len - 4..8 + config_len], &[0u8; 4]);
-        let mut v1 = b"PCSB".to_vec();
-        v1.extend_from_slice(&1u32.to_le_bytes());
-        v1.extend_from_slice(&v2[8..8 + config_len - 4]);
-        v1.extend_from_slice(&v2[8 + config_len..]);
-        let mut back = decode_param_optimizer(&v1).unwrap();
-        assert_eq!(back.config().nonfinite, NonFinitePolicy::Error);
-        assert_eq!(encode_param_optimizer(&back), v2);
-        let mut q = p.clone();
-        for _ in 0..2 {
-            let g = normal(30, 1.0, &mut rng);
-            o.step(&mut p, &g, 0.1).unwrap();
-            back.step(&mut q, &g, 0.1).unwrap();
+        assert_eq!(
+            &v3[8 + config_len - 12..8 + config_len],
+            &[0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]
+        );
+        for version in [1u32, 2] {
+            let old = older_record(&o, &v3, version);
+            assert_eq!(old.len(), v3.len() - 16 - if version == 1 { 12 } else { 8 });
+            let mut back = decode_param_optimizer(&old).unwrap();
+            assert_eq!(back.config().nonfinite, NonFinitePolicy::Error);
+            assert_eq!(back.config().max_linalg_failures, 3);
+            assert_eq!(back.linalg_failures(), 0);
+            assert_eq!(encode_param_optimizer(&back), v3, "version {version}");
+            let (mut q, mut p2, mut o2) = (p.clone(), p.clone(), o.clone());
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            for _ in 0..2 {
+                let g = normal(30, 1.0, &mut rng);
+                o2.step(&mut p2, &g, 0.1).unwrap();
+                back.step(&mut q, &g, 0.1).unwrap();
+            }
+            assert_eq!(p2, q, "version {version}");
         }
-        assert_eq!(p, q);
-        // A Skip state round-trips at version 2; a version-2 state read as version 1 is refused.
+        // A Skip state round-trips at version 3; a version-3 state read as version 1 or 2 is
+        // refused.
         let skip = ParamOptimizer::new(
             cfg.clone().with_nonfinite(NonFinitePolicy::Skip).config(),
             &[6, 5],
@@ -1801,9 +1850,52 @@ mod tests {
         let bytes = encode_param_optimizer(&skip);
         let back = decode_param_optimizer(&bytes).unwrap();
         assert_eq!(back.config().nonfinite, NonFinitePolicy::Skip);
-        let mut wrong = bytes;
-        wrong[4] = 1;
-        assert!(decode_param_optimizer(&wrong).is_err());
+        for version in [1, 2] {
+            let mut wrong = bytes.clone();
+            wrong[4] = version;
+            assert!(decode_param_optimizer(&wrong).is_err(), "version {version}");
+        }
+    }
+
+    /// The linear-algebra failure counts survive the codec: a step whose factorizations fail
+    /// in both precisions (injected) is counted, encoded, decoded and continued bitwise.
+    #[test]
+    fn codec_keeps_linalg_failure_counts() {
+        use crate::linalg::{inject_failures, FaultKind};
+        crate::testing::on_one_thread(|| {
+            let cfg = config().with_seed(4);
+            let mut o = ParamOptimizer::new(cfg.config(), &[6, 5], None, false).unwrap();
+            let mut rng = ChaCha8Rng::seed_from_u64(3);
+            let mut p = normal(30, 1.0, &mut rng);
+            for t in 0..3 {
+                let g = normal(30, 1.0, &mut rng);
+                inject_failures(FaultKind::Both, usize::from(t >= 1));
+                o.step(&mut p, &g, 0.1).unwrap();
+                inject_failures(FaultKind::Both, 0);
+            }
+            assert_eq!(
+                (o.linalg_failures(), o.consecutive_linalg_failures()),
+                (2, 2)
+            );
+            let bytes = encode_param_optimizer(&o);
+            let mut back = decode_param_optimizer(&bytes).unwrap();
+            assert_eq!(
+                (back.linalg_failures(), back.consecutive_linalg_failures()),
+                (2, 2)
+            );
+            assert_eq!(encode_param_optimizer(&back), bytes);
+            let mut q = p.clone();
+            for _ in 0..2 {
+                let g = normal(30, 1.0, &mut rng);
+                o.step(&mut p, &g, 0.1).unwrap();
+                back.step(&mut q, &g, 0.1).unwrap();
+            }
+            assert_eq!(p, q);
+            assert_eq!(
+                (back.linalg_failures(), back.consecutive_linalg_failures()),
+                (2, 0)
+            );
+        });
     }
 
     #[test]

@@ -18,9 +18,23 @@ pub enum PrecondError {
     /// A gradient holds NaN or infinity; the step was refused and no state changed.
     #[error("non-finite gradient at step {step}{}", .param.as_ref().map(|p| format!(" in parameter {p}")).unwrap_or_default())]
     NonFiniteGradient { step: u64, param: Option<String> },
-    /// A dense linear-algebra kernel failed (no convergence or non-finite output).
-    #[error("linear algebra failure in {kernel} at step {step}")]
-    LinalgFailure { kernel: &'static str, step: u64 },
+    /// A dense linear-algebra kernel failed (no convergence or non-finite output) or its
+    /// input overflowed, and the step was refused; or the kernels of one parameter failed at
+    /// [`OptimizerConfig::max_linalg_failures`] steps in a row (see [`crate::optimizer`]).
+    ///
+    /// [`OptimizerConfig::max_linalg_failures`]: crate::OptimizerConfig::max_linalg_failures
+    #[error(
+        "linear algebra failure in {kernel} at step {step} ({consecutive} failed step(s) in a row)"
+    )]
+    LinalgFailure {
+        /// The kernel (or computation) that failed last.
+        kernel: &'static str,
+        /// The 1-based step of the failure.
+        step: u64,
+        /// Failed steps of this parameter in a row, this one included (1 for a single refused
+        /// step).
+        consecutive: u64,
+    },
     /// A saved state cannot be loaded into this optimizer.
     #[error("state mismatch: {0}")]
     StateMismatch(String),

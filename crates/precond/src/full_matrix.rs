@@ -17,6 +17,8 @@
 //!
 //! The step is transactional: the updated H is built in a workspace and swapped in only when
 //! its eigendecomposition and the direction are finite, so an error leaves the state as it was.
+//! (An f32 eigendecomposition that fails is first retried in f64 by [`crate::linalg::SymEig`];
+//! this reference method has no previous state to fall back on and no failure counts.)
 
 use crate::error::{invalid, PrecondError, Result};
 use crate::linalg::{gemm, SymEig};
@@ -212,6 +214,7 @@ impl<T: Scalar> FullMatrix<T> {
         PrecondError::LinalgFailure {
             kernel,
             step: self.step + 1,
+            consecutive: 1,
         }
     }
 }

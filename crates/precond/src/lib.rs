@@ -41,7 +41,7 @@ pub use optimizer::{
     Fallback, Method, MethodState, NonFinitePolicy, OptimizerConfig, ParamOptimizer, ParamPath,
     StepOutcome,
 };
-pub use preconditioner::Preconditioner;
+pub use preconditioner::{LinalgHealth, Preconditioner};
 pub use scalar::Scalar;
 pub use schedule::Schedule;
 pub use shared_basis::{RhoMode, SharedBasis, SharedBasisConfig};

@@ -21,6 +21,40 @@
 //! ([`NonFinitePolicy::Skip`]). Either way nothing changes: parameter, statistics, grafting and
 //! momentum buffers and the step counter are as if that gradient had never been seen.
 //!
+//! **Linear-algebra failures.** The factorizations of shared-basis (QR, SVD, symmetric
+//! eigendecompositions), Shampoo (inverse 4th roots), Sketchy (QR and eigendecomposition of the
+//! sketch updates) and Block Adam (inverse square roots) are handled in three stages:
+//! 1. *f64 retry.* A factorization that fails in f32 (no convergence, or a non-finite result from
+//!    a finite input) is retried in f64: the input is converted to f64, factored, and the result
+//!    rounded back to f32. This happens in one place, the wrappers of [`crate::linalg`]
+//!    ([`crate::linalg::thin_q`], [`crate::linalg::thin_svd_left`],
+//!    [`crate::linalg::SymEig::decompose`]); a retry that succeeds is not counted anywhere.
+//! 2. *Keep the previous state.* If it fails in f64 too, the state that factorization would
+//!    have replaced stays as it was, and the direction is computed from the kept state:
+//!    shared-basis keeps the layer's B, R_i and ρ_i of the previous step (they are its
+//!    statistics, so the gradient is dropped from them); Shampoo keeps that inverse root (L and
+//!    R absorb the gradient); Sketchy keeps that side's sketch and frozen copy (the gradient is
+//!    dropped from that sketch); Block Adam uses that chunk's previous root, recomputed from the
+//!    statistics of the previous step (V and m absorb the gradient). The method's
+//!    [`LinalgHealth`], read through
+//!    [`Preconditioner::linalg_health`] and [`ParamOptimizer::linalg_failures`] /
+//!    [`ParamOptimizer::consecutive_linalg_failures`], counts the steps with such a failure and
+//!    how many came in a row; a step whose factorizations all succeed resets the run (a step
+//!    that runs none, e.g. Shampoo between root steps, leaves it alone). The counts are part of
+//!    the serialized state.
+//! 3. *Give up.* When the step that just failed makes [`OptimizerConfig::max_linalg_failures`]
+//!    (default 3; 0 = never) failed steps in a row, [`ParamOptimizer::step`] returns
+//!    [`PrecondError::LinalgFailure`] (with `consecutive` = the run's length) and leaves the
+//!    parameter, grafting and momentum buffers and [`ParamOptimizer::steps`] untouched; the
+//!    preconditioner has taken its (kept-state) step. Each further failed step errors again
+//!    until one succeeds.
+//!
+//! An overflow is not a factorization failure: a step whose statistics overflow f32 where no
+//! previous state can stand in is refused at once with `LinalgFailure` and changes nothing
+//! (shared-basis, whose A is quartic in g; Block Adam, whose V holds ∞), while Shampoo and Sketchy
+//! keep their previous roots or sketches and count the step as above. A non-finite
+//! preconditioned direction is refused at once too (below).
+//!
 //! [`GraftKind::None`]: crate::graft::GraftKind::None
 
 use crate::block_diag::{BlockAdam, BlockAdamConfig};
@@ -29,7 +63,7 @@ use crate::error::{invalid, PrecondError, Result};
 use crate::full_matrix::{FullMatrix, FullMatrixConfig};
 use crate::graft::{GraftConfig, GraftKind, GraftState};
 use crate::momentum::{MomentumConfig, MomentumState};
-use crate::preconditioner::Preconditioner;
+use crate::preconditioner::{LinalgHealth, Preconditioner};
 use crate::shampoo::{Shampoo, ShampooConfig};
 use crate::shared_basis::{SharedBasis, SharedBasisConfig};
 use crate::sketchy::{Sketchy, SketchyConfig};
@@ -151,9 +185,14 @@ pub struct OptimizerConfig {
     /// What parameters that are not preconditioned do.
     pub fallback: Fallback,
     /// What a gradient holding NaN or ∞ does (default [`NonFinitePolicy::Error`]). Absent from
-    /// a serialized config, it is the default. (Keep it the last field: the burn adapter's
-    /// records of version 1 end the config before it.)
+    /// a serialized config, it is the default. (The burn adapter's records of version 1 end the
+    /// config before it: fields are only ever added at the end.)
     pub nonfinite: NonFinitePolicy,
+    /// After this many failed steps in a row of a parameter's linear algebra (see the module
+    /// docs), [`ParamOptimizer::step`] returns [`PrecondError::LinalgFailure`]; 0 never does.
+    /// Default 3. Absent from a serialized config (burn adapter records of versions 1 and 2), it
+    /// is the default.
+    pub max_linalg_failures: u64,
 }
 
 impl Default for OptimizerConfig {
@@ -167,6 +206,7 @@ impl Default for OptimizerConfig {
             max_block_size: 4096,
             fallback: Fallback::Graft,
             nonfinite: NonFinitePolicy::Error,
+            max_linalg_failures: 3,
         }
     }
 }
@@ -247,6 +287,16 @@ impl Preconditioner<f32> for MethodState {
             MethodState::BlockAdam(s) => Preconditioner::<f32>::steps(s),
             MethodState::Diagonal(s) => Preconditioner::<f32>::steps(s),
             MethodState::FullMatrix(s) => Preconditioner::<f32>::steps(s),
+        }
+    }
+    fn linalg_health(&self) -> LinalgHealth {
+        match self {
+            MethodState::SharedBasis(s) => Preconditioner::<f32>::linalg_health(s),
+            MethodState::Shampoo(s) => Preconditioner::<f32>::linalg_health(s),
+            MethodState::Sketchy(s) => Preconditioner::<f32>::linalg_health(s),
+            MethodState::BlockAdam(s) => Preconditioner::<f32>::linalg_health(s),
+            MethodState::Diagonal(s) => Preconditioner::<f32>::linalg_health(s),
+            MethodState::FullMatrix(s) => Preconditioner::<f32>::linalg_health(s),
         }
     }
     fn is_ready(&self) -> bool {
@@ -441,6 +491,24 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
         self.skipped
     }
 
+    /// Steps in which the preconditioner's linear algebra failed and kept its previous state
+    /// (see the module docs); 0 without a preconditioner. Serialized with the state.
+    pub fn linalg_failures(&self) -> u64 {
+        self.linalg_health().failures
+    }
+
+    /// The current run of such failed steps; a step whose factorizations all succeed resets it.
+    pub fn consecutive_linalg_failures(&self) -> u64 {
+        self.linalg_health().consecutive
+    }
+
+    /// The preconditioner's [`LinalgHealth`] (all zero without a preconditioner).
+    pub fn linalg_health(&self) -> LinalgHealth {
+        self.precond
+            .as_ref()
+            .map_or_else(LinalgHealth::default, |p| p.linalg_health())
+    }
+
     /// Bytes of optimizer state: preconditioner + grafting + momentum buffers (workspaces
     /// excluded).
     pub fn state_bytes(&self) -> usize {
@@ -460,10 +528,13 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
     ///
     /// Errors, with no state changed: ShapeMismatch on a wrong length, InvalidConfig on a
     /// non-finite `lr`, NonFiniteGradient (naming the step it would have been) on NaN/∞ in `grad`
-    /// under [`NonFinitePolicy::Error`], and any error of the preconditioner. If the
-    /// preconditioner returns a non-finite direction, the step is refused with LinalgFailure and
-    /// the parameter is untouched (the preconditioner's statistics have then already absorbed the
-    /// gradient).
+    /// under [`NonFinitePolicy::Error`], and any error of the preconditioner.
+    ///
+    /// Errors after the preconditioner took its step (the parameter, grafting and momentum
+    /// buffers and [`steps`](Self::steps) are untouched, the preconditioner's state has moved
+    /// on): LinalgFailure when this step's linear algebra failed and that makes
+    /// [`OptimizerConfig::max_linalg_failures`] failed steps in a row (module docs), and
+    /// LinalgFailure when the preconditioner returns a non-finite direction.
     pub fn step(&mut self, param: &mut [f32], grad: &[f32], lr: f32) -> Result<StepOutcome> {
         let n = self.view.numel();
         if param.len() != n || grad.len() != n {
@@ -515,15 +586,27 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
                 }
                 let (b, m) = (view.rows(), view.blocks());
                 view.gather(grad, MatMut::from_column_major_slice_mut(work_a, b, m))?;
+                let failures_before = p.linalg_health().failures;
                 p.precondition(
                     MatRef::from_column_major_slice(work_a, b, m),
                     MatMut::from_column_major_slice_mut(work_b, b, m),
                 )?;
+                let health = p.linalg_health();
+                let failed_now = health.failures > failures_before;
+                let limit = config.max_linalg_failures;
+                if failed_now && limit > 0 && health.consecutive >= limit {
+                    return Err(PrecondError::LinalgFailure {
+                        kernel: health.last_kernel.unwrap_or("preconditioner"),
+                        step: t,
+                        consecutive: health.consecutive,
+                    });
+                }
                 view.scatter(MatRef::from_column_major_slice(work_b, b, m), work_a)?;
                 if work_a.iter().any(|x| !x.is_finite()) {
                     return Err(PrecondError::LinalgFailure {
                         kernel: "precondition",
                         step: t,
+                        consecutive: health.consecutive + u64::from(!failed_now),
                     });
                 }
                 // r into work_b (its matrix content has been scattered to d = work_a).
@@ -1236,6 +1319,158 @@ mod tests {
         }
     }
 
+    /// The four methods with factorizations, on a [6, 5] parameter (several Shampoo, Sketchy
+    /// and Block Adam blocks; roots and frozen copies refreshed every step).
+    fn linalg_cases() -> Vec<(&'static str, OptimizerConfig)> {
+        use crate::block_diag::BlockAdamConfig;
+        use crate::shampoo::ShampooConfig;
+        use crate::sketchy::SketchyConfig;
+        let with = |method| OptimizerConfig {
+            method,
+            ..Default::default()
+        };
+        vec![
+            (
+                "shared-basis",
+                with(Method::SharedBasis(SharedBasisConfig {
+                    rank: 3,
+                    ..Default::default()
+                })),
+            ),
+            (
+                "shampoo",
+                with(Method::Shampoo(ShampooConfig {
+                    block_size: 4,
+                    ..Default::default()
+                })),
+            ),
+            (
+                "sketchy",
+                with(Method::Sketchy(SketchyConfig {
+                    rank: 2,
+                    block_size: 4,
+                    ..Default::default()
+                })),
+            ),
+            (
+                "block-adam",
+                with(Method::BlockAdam(BlockAdamConfig {
+                    block_size: 4,
+                    ..Default::default()
+                })),
+            ),
+        ]
+    }
+
+    /// Steps 3, 4 and 5 of every method have their first factorization fail in both
+    /// precisions (injected). Under the default limit of 3: steps 3 and 4 keep the previous
+    /// state, are counted and still move the parameter (finite); step 5 makes 3 failed steps in
+    /// a row and returns LinalgFailure naming step 5 and the run, with the parameter and
+    /// `steps()` untouched; the good step 6 applies and resets the run (the total stays 3).
+    /// The counts survive a JSON round trip (which then continues bitwise), a state saved
+    /// before they existed loads with zeros and the default limit, and with
+    /// `max_linalg_failures` 0 no step errors.
+    #[test]
+    fn repeated_linalg_failures_error_at_the_limit_and_reset() {
+        use crate::linalg::{inject_failures, injected_remaining, FaultKind};
+        crate::testing::on_one_thread(|| {
+            let shape = [6usize, 5];
+            let gs = grads(30, 7, 77);
+            let lr = 0.05f32;
+            // Runs step t (1-based) of `o`, its first factorization failing when `fail`.
+            let step = |o: &mut ParamOptimizer, p: &mut Vec<f32>, t: usize, fail: bool| {
+                inject_failures(FaultKind::Both, usize::from(fail));
+                let r = o.step(p, &gs[t - 1], lr);
+                assert_eq!(injected_remaining(), 0);
+                r
+            };
+            for (name, cfg) in linalg_cases() {
+                assert_eq!(cfg.max_linalg_failures, 3);
+                let mut o = ParamOptimizer::new(&cfg, &shape, None, false).unwrap();
+                assert!(o.is_preconditioned(), "{name}");
+                let mut p = init_param(30);
+                let mut saved = None;
+                for t in 1..=6 {
+                    let before = p.clone();
+                    let r = step(&mut o, &mut p, t, (3..=5).contains(&t));
+                    if t == 5 {
+                        match r {
+                            Err(PrecondError::LinalgFailure {
+                                step: 5,
+                                consecutive: 3,
+                                ..
+                            }) => {}
+                            other => panic!("{name}: step 5 gave {other:?}"),
+                        }
+                        assert_eq!(p, before, "{name}: refused step moved the parameter");
+                        assert_eq!(o.steps(), 4, "{name}");
+                    } else {
+                        assert_eq!(r, Ok(StepOutcome::Applied), "{name} step {t}");
+                        assert_ne!(p, before, "{name} step {t}: parameter did not move");
+                        assert!(p.iter().all(|v| v.is_finite()), "{name} step {t}");
+                        assert_eq!(o.steps(), t as u64 - u64::from(t > 5), "{name}");
+                    }
+                    let want = match t {
+                        1 | 2 => (0, 0),
+                        3 => (1, 1),
+                        4 => (2, 2),
+                        5 => (3, 3),
+                        _ => (3, 0),
+                    };
+                    assert_eq!(
+                        (o.linalg_failures(), o.consecutive_linalg_failures()),
+                        want,
+                        "{name} step {t}"
+                    );
+                    if t == 4 {
+                        saved = Some((serde_json::to_value(&o).unwrap(), p.clone()));
+                    }
+                }
+
+                // Serde: the counts survive, and the copy continues bitwise.
+                let (value, p4) = saved.unwrap();
+                let mut back: ParamOptimizer = serde_json::from_value(value.clone()).unwrap();
+                assert_eq!(
+                    (back.linalg_failures(), back.consecutive_linalg_failures()),
+                    (2, 2),
+                    "{name}"
+                );
+                let mut q = p4.clone();
+                assert!(step(&mut back, &mut q, 5, true).is_err());
+                assert_eq!(step(&mut back, &mut q, 6, false), Ok(StepOutcome::Applied));
+                assert_eq!(q, p, "{name}: the reloaded state diverged");
+                assert_eq!(back.linalg_failures(), 3);
+                // A state saved before the counts (and the limit) existed.
+                let mut old = value;
+                assert!(old["config"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("max_linalg_failures")
+                    .is_some());
+                let method = old["precond"].as_object_mut().unwrap();
+                let (_, state) = method.iter_mut().next().unwrap();
+                assert!(state.as_object_mut().unwrap().remove("linalg").is_some());
+                let old: ParamOptimizer = serde_json::from_value(old).unwrap();
+                assert_eq!(old.config().max_linalg_failures, 3);
+                assert_eq!(old.linalg_health(), LinalgHealth::default(), "{name}");
+
+                // No limit: five failed steps in a row all apply.
+                let unlimited = OptimizerConfig {
+                    max_linalg_failures: 0,
+                    ..cfg.clone()
+                };
+                let mut o = ParamOptimizer::new(&unlimited, &shape, None, false).unwrap();
+                let mut p = init_param(30);
+                for t in 1..=7 {
+                    let r = step(&mut o, &mut p, t, t >= 2);
+                    assert_eq!(r, Ok(StepOutcome::Applied), "{name} step {t}");
+                }
+                assert_eq!(o.consecutive_linalg_failures(), 6, "{name}");
+                assert!(p.iter().all(|v| v.is_finite()));
+            }
+        });
+    }
+
     #[test]
     fn workspaces_are_rebuilt_after_loading() {
         let cfg = OptimizerConfig::default();
@@ -1392,8 +1627,11 @@ mod tests {
             }
         );
         assert_eq!(c.nonfinite, NonFinitePolicy::Error);
+        assert_eq!(c.max_linalg_failures, 3);
         let c: OptimizerConfig = serde_json::from_str(r#"{"nonfinite": "Skip"}"#).unwrap();
         assert_eq!(c.nonfinite, NonFinitePolicy::Skip);
+        let c: OptimizerConfig = serde_json::from_str(r#"{"max_linalg_failures": 0}"#).unwrap();
+        assert_eq!(c.max_linalg_failures, 0);
         let c = OptimizerConfig {
             method: Method::GraftOnly,
             graft: GraftConfig {
@@ -1402,6 +1640,7 @@ mod tests {
             },
             fallback: Fallback::SgdMomentum,
             nonfinite: NonFinitePolicy::Skip,
+            max_linalg_failures: 7,
             ..Default::default()
         };
         let back: OptimizerConfig =

@@ -5,6 +5,49 @@
 use crate::error::{PrecondError, Result};
 use crate::scalar::Scalar;
 use faer::{MatMut, MatRef};
+use serde::{Deserialize, Serialize};
+
+/// Linear-algebra failure counts of one method's state (the policy is in [`crate::optimizer`]'s
+/// module docs). Serialized with the state; a state saved before these counts existed loads
+/// with zeros.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LinalgHealth {
+    /// Steps in which a kernel failed (in f64 too, after the retry of an f32 failure) and the
+    /// state that kernel would have replaced was kept.
+    pub failures: u64,
+    /// Such steps in a row, up to the last step that ran a kernel: a step whose kernels all
+    /// succeeded resets it to 0, a step that runs no kernel leaves it as it is.
+    pub consecutive: u64,
+    /// The kernel that failed last (not serialized: `None` after loading).
+    #[serde(skip)]
+    pub last_kernel: Option<&'static str>,
+}
+
+impl LinalgHealth {
+    /// Records a step that ran kernels: `Some(kernel)` when one failed and the previous state
+    /// was kept, `None` when all succeeded.
+    pub fn record(&mut self, failed: Option<&'static str>) {
+        match failed {
+            Some(kernel) => {
+                self.failures += 1;
+                self.consecutive += 1;
+                self.last_kernel = Some(kernel);
+            }
+            None => self.consecutive = 0,
+        }
+    }
+
+    /// The error of a step refused outright by `kernel` at step `step`: the refused step
+    /// counts as one more failure in a row (the counts themselves do not change).
+    pub fn refusal(&self, kernel: &'static str, step: u64) -> PrecondError {
+        PrecondError::LinalgFailure {
+            kernel,
+            step,
+            consecutive: self.consecutive + 1,
+        }
+    }
+}
 
 /// A per-parameter second-order method working on the (b, m) matrix view of a parameter
 /// (see [`crate::view`]): column i is block i.
@@ -26,6 +69,12 @@ pub trait Preconditioner<T: Scalar>: Send {
     /// uses the grafting direction. Default: always true.
     fn is_ready(&self) -> bool {
         true
+    }
+
+    /// Linear-algebra failure counts (see [`LinalgHealth`]). Default: all zero, for methods
+    /// without a factorization that can fail while keeping state (diagonal, full matrix).
+    fn linalg_health(&self) -> LinalgHealth {
+        LinalgHealth::default()
     }
 }
 

@@ -31,12 +31,25 @@
 //! (as distributed Shampoo falls back per statistics matrix); statistics that overflowed stay
 //! non-finite, so every later root of that matrix fails and is counted.
 //!
+//! **Linear-algebra failures** (the policy of [`crate::optimizer`]). The eigendecomposition of an
+//! f32 statistic that fails is retried in f64 inside [`crate::linalg::SymEig`] (statistic
+//! converted to f64, eigenpairs rounded back), so a retry that succeeds gives the root of the
+//! f64 decomposition and is not counted. A root that still fails (no convergence in f64 too, a
+//! non-finite statistic or root, e.g. after an overflow) keeps its previous value; the
+//! statistics L and R have absorbed this step's gradient all the same, and the direction is
+//! computed with the kept root. [`Shampoo::failed_roots`] counts every such root;
+//! [`Preconditioner::linalg_health`] counts the root steps with at least one failed root
+//! (`failures`) and how many of them came in a row (`consecutive`: a root step whose roots all
+//! succeed resets it, a step that computes no roots leaves it alone). Erroring after too many
+//! failures in a row is [`crate::optimizer::ParamOptimizer`]'s job
+//! ([`crate::OptimizerConfig::max_linalg_failures`]).
+//!
 //! Apart from shape and non-finite-gradient errors (returned before any state changes) a step
 //! cannot fail: root failures are counted, not returned.
 
 use crate::error::{invalid, PrecondError, Result};
 use crate::linalg::{gemm, par_layer, symmetrize, SymEig};
-use crate::preconditioner::{check_finite, check_shapes, check_view, Preconditioner};
+use crate::preconditioner::{check_finite, check_shapes, check_view, LinalgHealth, Preconditioner};
 use crate::scalar::Scalar;
 use faer::reborrow::ReborrowMut;
 use faer::{Mat, MatMut, MatRef, Par};
@@ -314,6 +327,9 @@ pub struct Shampoo<T: Scalar> {
     failed_roots: u64,
     /// Blocks in column-major grid order (row pieces vary fastest).
     blocks: Vec<Block<T>>,
+    /// Root steps with a failed root (absent from states saved before it existed: zeros).
+    #[serde(default)]
+    linalg: LinalgHealth,
     #[serde(skip)]
     work: Workspace<T>,
 }
@@ -327,6 +343,7 @@ impl<T: Scalar> Clone for Shampoo<T> {
             step: self.step,
             failed_roots: self.failed_roots,
             blocks: self.blocks.clone(),
+            linalg: self.linalg,
             work: Workspace::default(),
         }
     }
@@ -341,6 +358,7 @@ impl<T: Scalar> std::fmt::Debug for Shampoo<T> {
             .field("blocks", &self.blocks.len())
             .field("step", &self.step)
             .field("failed_roots", &self.failed_roots)
+            .field("linalg", &self.linalg)
             .finish_non_exhaustive()
     }
 }
@@ -366,6 +384,7 @@ impl<T: Scalar> Shampoo<T> {
             step: 0,
             failed_roots: 0,
             blocks,
+            linalg: LinalgHealth::default(),
             work: Workspace::default(),
         })
     }
@@ -386,7 +405,7 @@ impl<T: Scalar> Shampoo<T> {
     }
 
     /// Inverse roots (one per statistics matrix and recomputation) that could not be computed
-    /// (failed or non-finite eigendecomposition) and kept their previous value.
+    /// (failed or non-finite eigendecomposition, in f64 too) and kept their previous value.
     pub fn failed_roots(&self) -> u64 {
         self.failed_roots
     }
@@ -451,12 +470,18 @@ impl<T: Scalar> Shampoo<T> {
                 .sum()
         };
         self.failed_roots += failed;
+        self.linalg
+            .record((failed > 0).then_some("Shampoo inverse root"));
     }
 }
 
 impl<T: Scalar> Preconditioner<T> for Shampoo<T> {
     fn is_ready(&self) -> bool {
         self.is_preconditioning()
+    }
+
+    fn linalg_health(&self) -> LinalgHealth {
+        self.linalg
     }
 
     fn precondition(&mut self, grad: MatRef<'_, T>, mut direction: MatMut<'_, T>) -> Result<()> {
@@ -552,7 +577,10 @@ mod tests {
     #![allow(clippy::needless_range_loop)]
 
     use super::*;
-    use crate::testing::{gradients, jacobi_eig, mul, oracle_root, to_f64, transpose};
+    use crate::linalg::{inject_failures, inject_failures_after, injected_remaining, FaultKind};
+    use crate::testing::{
+        gradients, jacobi_eig, mul, on_one_thread, oracle_root, to_f64, transpose,
+    };
 
     /// Single-block Shampoo in f64 with the given schedule: L, R as EMA (β2 < 1) or sums,
     /// roots recomputed on `is_root_step`. Returns the direction of every step (−G while no
@@ -966,5 +994,167 @@ mod tests {
                 assert_eq!(u[(i, j)], -huge[(i, j)]);
             }
         }
+    }
+
+    /// L_t = Σ G Gᵀ and R_t = Σ Gᵀ G over `grads` (β2 = 1), in f64.
+    fn sums(grads: &[Mat<f64>]) -> (Mat<f64>, Mat<f64>) {
+        let (b, m) = (grads[0].nrows(), grads[0].ncols());
+        let (mut l, mut r) = (Mat::<f64>::zeros(b, b), Mat::<f64>::zeros(m, m));
+        for g in grads {
+            l += mul(g, &transpose(g));
+            r += mul(&transpose(g), g);
+        }
+        (l, r)
+    }
+
+    /// −P_L G P_R.
+    fn apply_roots(pl: &Mat<f64>, g: &Mat<f64>, pr: &Mat<f64>) -> Mat<f64> {
+        let u = mul(&mul(pl, g), pr);
+        Mat::from_fn(u.nrows(), u.ncols(), |i, j| -u[(i, j)])
+    }
+
+    /// Single-block Shampoo in `T` whose root eigendecompositions fail in both precisions at
+    /// step 3 (injected: after `skip` good ones, `n` failures, so both roots, the left or the
+    /// right one): a failed root keeps its step-2 value bitwise, L and R still absorb G_3, the
+    /// direction is −P_L G_3 P_R with the kept roots (against Jacobi roots of the step-2 and
+    /// step-3 sums in f64), the step is counted once, and step 4 recomputes both roots and
+    /// resets the run. Returns the worst relative error of the directions.
+    fn kept_roots_case<T: Scalar>(skip: usize, n: usize) -> f64 {
+        let config = ShampooConfig {
+            block_size: 8,
+            ..ShampooConfig::default()
+        };
+        let (b, m) = (4, 3);
+        let grads = gradients::<T>(b, m, 4, 0.5, 12);
+        let g64: Vec<_> = grads.iter().map(|g| to_f64(g.as_ref())).collect();
+        let roots = |t: usize| {
+            let (l, r) = sums(&g64[..t]);
+            (oracle_root(&l, config.eps), oracle_root(&r, config.eps))
+        };
+        let mut state = Shampoo::<T>::new(&config, b, m).unwrap();
+        run(&mut state, &grads[..2]);
+        let (left2, right2) = (
+            state.blocks[0].left_root.clone(),
+            state.blocks[0].right_root.clone(),
+        );
+        inject_failures_after(skip, FaultKind::Both, n);
+        let u3 = run(&mut state, &grads[2..3]).remove(0);
+        assert_eq!(injected_remaining(), 0);
+        let (left_failed, right_failed) = (skip == 0, skip + n == 2);
+        assert_eq!(
+            state.failed_roots(),
+            u64::from(left_failed) + u64::from(right_failed)
+        );
+        let health = state.linalg_health();
+        assert_eq!((health.failures, health.consecutive), (1, 1));
+        assert_eq!(health.last_kernel, Some("Shampoo inverse root"));
+        assert_eq!(state.blocks[0].left_root == left2, left_failed);
+        assert_eq!(state.blocks[0].right_root == right2, right_failed);
+        assert!(state.is_preconditioning());
+        // The statistics absorbed G_3.
+        let (l3, r3) = sums(&g64[..3]);
+        let block = &state.blocks[0];
+        let tol_stats = if std::mem::size_of::<T>() == 4 {
+            1e-6
+        } else {
+            1e-14
+        };
+        assert!(
+            rel_err(
+                &to_f64(MatRef::from_column_major_slice(&block.left, b, b)),
+                &l3
+            ) <= tol_stats
+        );
+        assert!(
+            rel_err(
+                &to_f64(MatRef::from_column_major_slice(&block.right, m, m)),
+                &r3
+            ) <= tol_stats
+        );
+        let ((pl2, pr2), (pl3, pr3)) = (roots(2), roots(3));
+        let pl = if left_failed { &pl2 } else { &pl3 };
+        let pr = if right_failed { &pr2 } else { &pr3 };
+        let mut worst = rel_err(&u3, &apply_roots(pl, &g64[2], pr));
+        // Not vacuous: fresh roots give another direction.
+        assert!(rel_err(&u3, &apply_roots(&pl3, &g64[2], &pr3)) > 1e-3);
+        // A good root step recomputes both roots and resets the run.
+        let u4 = run(&mut state, &grads[3..4]).remove(0);
+        let (pl4, pr4) = roots(4);
+        worst = worst.max(rel_err(&u4, &apply_roots(&pl4, &g64[3], &pr4)));
+        let health = state.linalg_health();
+        assert_eq!((health.failures, health.consecutive), (1, 0));
+        worst
+    }
+
+    #[test]
+    fn failed_roots_in_both_precisions_keep_the_previous_roots() {
+        on_one_thread(|| {
+            for (skip, n) in [(0, 2), (0, 1), (1, 1)] {
+                let err64 = kept_roots_case::<f64>(skip, n);
+                let err32 = kept_roots_case::<f32>(skip, n);
+                println!("skip {skip}, fail {n}: max rel err f64 {err64:.2e}, f32 {err32:.2e}");
+                assert!(err64 <= 1e-10, "f64 {err64:e}");
+                assert!(err32 <= 1e-4, "f32 {err32:e}");
+            }
+        });
+    }
+
+    /// Both f32 root eigendecompositions of step 3 fail and are retried in f64: every direction
+    /// equals an untouched twin's within f32 rounding, and nothing is counted.
+    #[test]
+    fn f32_root_failure_is_retried_in_f64() {
+        on_one_thread(|| {
+            let config = ShampooConfig {
+                block_size: 8,
+                ..ShampooConfig::default()
+            };
+            let grads = gradients::<f32>(4, 3, 5, 0.5, 13);
+            let mut state = Shampoo::<f32>::new(&config, 4, 3).unwrap();
+            let mut twin = state.clone();
+            for (s, g) in grads.iter().enumerate() {
+                inject_failures(FaultKind::F32Only, if s == 2 { 2 } else { 0 });
+                let u = run(&mut state, std::slice::from_ref(g)).remove(0);
+                assert_eq!(injected_remaining(), 0);
+                let w = run(&mut twin, std::slice::from_ref(g)).remove(0);
+                let err = rel_err(&u, &w);
+                assert!(err <= 1e-5, "step {}: {err:e}", s + 1);
+            }
+            assert_eq!(state.failed_roots(), 0);
+            assert_eq!(state.linalg_health(), LinalgHealth::default());
+        });
+    }
+
+    /// The failure counts survive a JSON round trip; a state saved before they existed (no
+    /// `linalg` key) loads with zeros and continues like the original.
+    #[test]
+    fn linalg_counts_survive_serde_and_old_states_load() {
+        on_one_thread(|| {
+            let config = ShampooConfig {
+                block_size: 3,
+                ..ShampooConfig::default()
+            };
+            let grads = gradients::<f32>(5, 4, 4, 0.5, 14);
+            let mut state = Shampoo::<f32>::new(&config, 5, 4).unwrap();
+            run(&mut state, &grads[..1]);
+            inject_failures(FaultKind::Both, 1);
+            run(&mut state, &grads[1..2]);
+            let mut back: Shampoo<f32> =
+                serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+            assert_eq!(back.failed_roots(), 1);
+            let health = back.linalg_health();
+            assert_eq!((health.failures, health.consecutive), (1, 1));
+            let mut value = serde_json::to_value(&state).unwrap();
+            assert!(value.as_object_mut().unwrap().remove("linalg").is_some());
+            let mut old: Shampoo<f32> = serde_json::from_value(value).unwrap();
+            assert_eq!(old.linalg_health(), LinalgHealth::default());
+            let a = run(&mut state, &grads[2..]);
+            let b = run(&mut back, &grads[2..]);
+            let c = run(&mut old, &grads[2..]);
+            for ((a, b), c) in a.iter().zip(&b).zip(&c) {
+                assert_eq!(a, b);
+                assert_eq!(a, c);
+            }
+            assert_eq!(back.linalg_health().consecutive, 0);
+        });
     }
 }

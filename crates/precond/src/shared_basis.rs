@@ -33,10 +33,28 @@
 //!
 //! The step is transactional: new basis, coefficients and ρ are built in workspaces and swapped
 //! in only when the whole step succeeded, so an error leaves the state as it was.
+//!
+//! **Linear-algebra failures** (the policy of [`crate::optimizer`]). Every factorization of a
+//! step (the QR of the randomized SVD, the Rayleigh–Ritz eigendecomposition, the SVD and QR of
+//! B_⊥, the per-block eigendecompositions of R̃_i and of the exact-mode residual) goes through
+//! [`crate::linalg`], which retries an f32 failure in f64 (input converted to f64, result rounded
+//! back); a retry that succeeds is not counted. When a factorization still fails (no
+//! convergence in f64 too, or a non-finite result from a finite input) the whole layer keeps
+//! its previous state: B, every R_i and every ρ_i stay those of step t − 1. They *are* the
+//! statistics, so this step's gradient is dropped from them. The direction is then computed
+//! from the kept state by eq. 6, u_i = −(B R_i Bᵀ + (ρ_i + ε) I)^{−1/2} g_i (one k × k
+//! eigendecomposition of each kept R_i; before any basis exists, u = −ε^{−1/2} g), the step
+//! counter advances, and [`Preconditioner::linalg_health`] counts the step (`failures`, and
+//! `consecutive`, which a successful step resets). An overflow is not a kernel failure: a step
+//! whose kernel input or new state holds ∞ or NaN (f32 overflows from |g| ≈ 1e9, since A is
+//! quartic in g), or whose kept-state direction cannot be computed, is refused with
+//! [`crate::PrecondError::LinalgFailure`] and changes nothing (nothing counted). Erroring after too
+//! many failures in a row is [`crate::optimizer::ParamOptimizer`]'s job
+//! ([`crate::OptimizerConfig::max_linalg_failures`]).
 
-use crate::error::{invalid, PrecondError, Result};
-use crate::linalg::{gemm, par_layer, symmetrize, thin_q, SymEig};
-use crate::preconditioner::{check_finite, check_shapes, check_view, Preconditioner};
+use crate::error::{invalid, Result};
+use crate::linalg::{gemm, par_layer, symmetrize, thin_q, thin_svd_left, KernelError, SymEig};
+use crate::preconditioner::{check_finite, check_shapes, check_view, LinalgHealth, Preconditioner};
 use crate::scalar::Scalar;
 use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Mat, MatMut, MatRef, Par};
@@ -203,8 +221,40 @@ pub struct SharedBasis<T: Scalar> {
     coeffs: Vec<T>,
     /// ρ_i.
     lost_mass: Vec<T>,
+    /// Steps that kept the previous state after a failed factorization (absent from states
+    /// saved before it existed: zeros).
+    #[serde(default)]
+    linalg: LinalgHealth,
     #[serde(skip)]
     work: Workspace<T>,
+}
+
+/// Why a step could not build its new state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StepFault {
+    /// A factorization failed (in f64 too): the previous state is kept.
+    Kernel(&'static str),
+    /// An overflow (non-finite kernel input or result): the step is refused.
+    Refuse(&'static str),
+}
+
+impl StepFault {
+    fn of(kernel: &'static str, e: KernelError) -> Self {
+        match e {
+            KernelError::Failed => StepFault::Kernel(kernel),
+            KernelError::NonFiniteInput => StepFault::Refuse(kernel),
+        }
+    }
+}
+
+/// What the per-block pass did for one block (ordered: a worse outcome is larger).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum BlockOutcome {
+    Done,
+    /// An eigendecomposition failed (in f64 too).
+    KernelFailed,
+    /// An eigendecomposition's input was not finite.
+    Overflow,
 }
 
 impl<T: Scalar> Clone for SharedBasis<T> {
@@ -219,6 +269,7 @@ impl<T: Scalar> Clone for SharedBasis<T> {
             basis: self.basis.clone(),
             coeffs: self.coeffs.clone(),
             lost_mass: self.lost_mass.clone(),
+            linalg: self.linalg,
             work: Workspace::default(),
         }
     }
@@ -231,6 +282,7 @@ impl<T: Scalar> std::fmt::Debug for SharedBasis<T> {
             .field("blocks", &self.blocks)
             .field("rank", &self.rank)
             .field("step", &self.step)
+            .field("linalg", &self.linalg)
             .finish_non_exhaustive()
     }
 }
@@ -293,6 +345,7 @@ impl<T: Scalar> SharedBasis<T> {
             basis: vec![T::zero(); rows * rank],
             coeffs: vec![T::zero(); blocks * rank * rank],
             lost_mass: vec![T::zero(); blocks],
+            linalg: LinalgHealth::default(),
             work: Workspace::default(),
         })
     }
@@ -354,11 +407,10 @@ impl<T: Scalar> SharedBasis<T> {
         w.new_lost_mass = vec![T::zero(); m];
     }
 
-    fn linalg_error(&self, kernel: &'static str) -> PrecondError {
-        PrecondError::LinalgFailure {
-            kernel,
-            step: self.step + 1,
-        }
+    /// Whether a basis exists: B is orthonormal after any successful step and zero before
+    /// the first one (which a failed first step leaves as it was).
+    fn has_basis(&self) -> bool {
+        self.basis.iter().any(|&v| v != T::zero())
     }
 
     /// A·Y by the factored formula (NOTES §2 step 2), into `work.ay`.
@@ -425,7 +477,7 @@ impl<T: Scalar> SharedBasis<T> {
 
     /// B_⊥: an orthonormal basis of the part of span(B_{t−1}) outside span(B_t), and
     /// L = [Q; B_⊥ᵀ B_{t−1}], into the workspace. Returns r, the number of columns of B_⊥.
-    fn complement_basis(&mut self) -> Result<usize> {
+    fn complement_basis(&mut self) -> std::result::Result<usize, StepFault> {
         let (b, k) = (self.rows, self.rank);
         let w = &mut self.work;
         let new_basis = MatRef::from_column_major_slice(&w.new_basis, b, k);
@@ -457,15 +509,10 @@ impl<T: Scalar> SharedBasis<T> {
             -T::one(),
             par_layer(),
         );
-        let svd = outside
-            .thin_svd()
-            .map_err(|_| PrecondError::LinalgFailure {
-                kernel: "complement SVD",
-                step: self.step + 1,
-            })?;
+        let (sigma, left) =
+            thin_svd_left(outside.as_ref()).map_err(|e| StepFault::of("complement SVD", e))?;
         // Singular values below the rounding floor of an orthonormal b × k basis are noise.
         let floor = T::of(10.0 * (b as f64).sqrt()) * T::epsilon();
-        let sigma = svd.S().column_vector();
         let extra = (0..k).filter(|&j| sigma[j] > floor).count();
         let kr = k + extra;
         w.wide_basis = Mat::zeros(b, kr);
@@ -479,7 +526,7 @@ impl<T: Scalar> SharedBasis<T> {
             .submatrix_mut(0, 0, k, k)
             .copy_from(w.overlap.as_ref());
         if extra > 0 {
-            let mut dirs = svd.U().submatrix(0, 0, b, extra).to_owned();
+            let mut dirs = left.as_ref().submatrix(0, 0, b, extra).to_owned();
             let mut proj = Mat::<T>::zeros(k, extra);
             gemm(
                 proj.as_mut(),
@@ -497,7 +544,7 @@ impl<T: Scalar> SharedBasis<T> {
                 -T::one(),
                 par_layer(),
             );
-            let perp = thin_q(dirs.as_ref());
+            let perp = thin_q(dirs.as_ref()).map_err(|e| StepFault::of("complement QR", e))?;
             w.wide_basis
                 .as_mut()
                 .submatrix_mut(0, k, b, extra)
@@ -531,7 +578,7 @@ impl<T: Scalar> SharedBasis<T> {
     }
 
     /// Step 2: the new basis B_t (b × k), into `work.new_basis`.
-    fn new_basis(&mut self, has_basis: bool, decay: T) -> Result<()> {
+    fn new_basis(&mut self, has_basis: bool, decay: T) -> std::result::Result<(), StepFault> {
         let (b, k, kp) = (self.rows, self.rank, self.sketch);
         let mut y = if has_basis {
             let mut y = Mat::<T>::zeros(b, kp);
@@ -548,7 +595,8 @@ impl<T: Scalar> SharedBasis<T> {
         };
         for _ in 0..self.config.power_iters {
             self.apply_a(y.as_ref(), has_basis, decay);
-            y = thin_q(self.work.ay.as_ref());
+            y = thin_q(self.work.ay.as_ref())
+                .map_err(|e| StepFault::of("randomized SVD (QR)", e))?;
         }
         if kp > k {
             // Rayleigh–Ritz: the top k eigenvectors of Yᵀ A Y, mapped back through Y.
@@ -564,9 +612,8 @@ impl<T: Scalar> SharedBasis<T> {
             );
             symmetrize(small.as_mut());
             let mut eig = SymEig::new(kp);
-            if !eig.compute(small.as_ref()) {
-                return Err(self.linalg_error("Rayleigh-Ritz eigendecomposition"));
-            }
+            eig.decompose(small.as_ref())
+                .map_err(|e| StepFault::of("Rayleigh-Ritz eigendecomposition", e))?;
             // Columns kp-1, kp-2, … hold the largest eigenvalues.
             let mut top = Mat::<T>::zeros(kp, k);
             for j in 0..k {
@@ -588,7 +635,7 @@ impl<T: Scalar> SharedBasis<T> {
             basis.copy_from(&y);
         }
         if !self.work.new_basis.iter().all(|v| v.is_finite()) {
-            return Err(self.linalg_error("randomized SVD (QR)"));
+            return Err(StepFault::Refuse("randomized SVD (QR)"));
         }
         Ok(())
     }
@@ -670,7 +717,6 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
     }
 
     /// Steps 3–6 for block `i`: writes R_i, ρ_i and the direction coefficients.
-    /// Returns false when an eigendecomposition failed.
     fn run(
         &self,
         i: usize,
@@ -679,7 +725,7 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         lost_mass: &mut T,
         mut dir_coef: MatMut<'_, T>,
         iso_scale: &mut T,
-    ) -> bool {
+    ) -> BlockOutcome {
         let k = self.k;
         let kk = k * k;
         let r_old = MatRef::from_column_major_slice(&self.old_coeffs[i * kk..(i + 1) * kk], k, k);
@@ -717,8 +763,10 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         );
         symmetrize(sc.tilde.as_mut());
         // Step 4: R_i = R̃_i − λ_min I = V diag(λ − λ_min) Vᵀ.
-        if !sc.eig.compute(sc.tilde.as_ref()) {
-            return false;
+        match sc.eig.decompose(sc.tilde.as_ref()) {
+            Ok(()) => {}
+            Err(KernelError::Failed) => return BlockOutcome::KernelFailed,
+            Err(KernelError::NonFiniteInput) => return BlockOutcome::Overflow,
         }
         let lambda_min = sc.eig.value(0);
         for (j, (mut dst, src)) in sc
@@ -775,7 +823,7 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
             }
             RhoMode::Exact => {
                 let Some((dense, eig)) = sc.exact.as_mut() else {
-                    return false;
+                    return BlockOutcome::Overflow;
                 };
                 let x = &mut sc.x[..n];
                 let y = &mut sc.y[..n];
@@ -797,8 +845,10 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
                     local = SymEig::<T>::new(n);
                     &mut local
                 };
-                if !eig.compute(sub.rb()) {
-                    return false;
+                match eig.decompose(sub.rb()) {
+                    Ok(()) => {}
+                    Err(KernelError::Failed) => return BlockOutcome::KernelFailed,
+                    Err(KernelError::NonFiniteInput) => return BlockOutcome::Overflow,
                 }
                 let lo = eig.value(0).abs();
                 let hi = eig.value(n - 1).abs();
@@ -842,22 +892,20 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
             Par::Seq,
         );
         *iso_scale = iso;
-        true
+        BlockOutcome::Done
     }
 }
 
-impl<T: Scalar> Preconditioner<T> for SharedBasis<T> {
-    fn precondition(&mut self, grad: MatRef<'_, T>, mut direction: MatMut<'_, T>) -> Result<()> {
+impl<T: Scalar> SharedBasis<T> {
+    /// Steps 1–6 and the direction, the new state left in the workspace (committed by the
+    /// caller).
+    fn try_step(
+        &mut self,
+        grad: MatRef<'_, T>,
+        mut direction: MatMut<'_, T>,
+    ) -> std::result::Result<(), StepFault> {
         let (b, m, k) = (self.rows, self.blocks, self.rank);
-        check_shapes(
-            (grad.nrows(), grad.ncols()),
-            (direction.nrows(), direction.ncols()),
-            b,
-            m,
-        )?;
-        check_finite(grad, self.step + 1)?;
-        self.ensure_workspace();
-        let has_basis = self.step > 0;
+        let has_basis = self.has_basis();
         let beta2 = self.config.beta2;
         let decay = T::of(beta2);
         let grad_scale = T::of(if beta2 < 1.0 {
@@ -1024,17 +1072,20 @@ impl<T: Scalar> Preconditioner<T> for SharedBasis<T> {
         let threads = rayon::current_num_threads().max(1);
         let chunk = m.div_ceil(threads * 4).max(8);
         let kk = k * k;
-        let ok = w
+        // Every block runs (no short cut), so that the worst outcome does not depend on the
+        // scheduling.
+        let worst = w
             .new_coeffs
             .par_chunks_mut(chunk * kk)
             .zip(w.new_lost_mass.par_chunks_mut(chunk))
             .zip(w.dir_coef.par_chunks_mut(chunk * k))
             .zip(w.iso_scale.par_chunks_mut(chunk))
             .enumerate()
-            .all(|(c, (((coeffs, rho), dirs), iso))| {
+            .map(|(c, (((coeffs, rho), dirs), iso))| {
                 let mut sc = BlockScratch::new(k, k + extra + 1, exact);
                 let first = c * chunk;
-                (0..rho.len()).all(|j| {
+                let mut worst = BlockOutcome::Done;
+                for j in 0..rho.len() {
                     let r_new = MatMut::from_column_major_slice_mut(
                         &mut coeffs[j * kk..(j + 1) * kk],
                         k,
@@ -1042,16 +1093,29 @@ impl<T: Scalar> Preconditioner<T> for SharedBasis<T> {
                     );
                     let dir =
                         MatMut::from_column_major_slice_mut(&mut dirs[j * k..(j + 1) * k], k, 1);
-                    inputs.run(first + j, &mut sc, r_new, &mut rho[j], dir, &mut iso[j])
-                })
-            });
-        if !ok {
-            return Err(self.linalg_error("block eigendecomposition"));
+                    worst = worst.max(inputs.run(
+                        first + j,
+                        &mut sc,
+                        r_new,
+                        &mut rho[j],
+                        dir,
+                        &mut iso[j],
+                    ));
+                }
+                worst
+            })
+            .reduce(|| BlockOutcome::Done, BlockOutcome::max);
+        match worst {
+            BlockOutcome::Done => {}
+            BlockOutcome::KernelFailed => {
+                return Err(StepFault::Kernel("block eigendecomposition"));
+            }
+            BlockOutcome::Overflow => return Err(StepFault::Refuse("block eigendecomposition")),
         }
         if !w.new_coeffs.iter().all(|v| v.is_finite())
             || !w.new_lost_mass.iter().all(|v| v.is_finite())
         {
-            return Err(self.linalg_error("block coefficients"));
+            return Err(StepFault::Refuse("block coefficients"));
         }
 
         // Direction (eq. 6): U = −B_t · dir_coef − G diag((ρ_i + ε)^{−1/2}).
@@ -1073,16 +1137,154 @@ impl<T: Scalar> Preconditioner<T> for SharedBasis<T> {
             }
         }
 
-        // Commit.
-        std::mem::swap(&mut self.basis, &mut w.new_basis);
-        std::mem::swap(&mut self.coeffs, &mut w.new_coeffs);
-        std::mem::swap(&mut self.lost_mass, &mut w.new_lost_mass);
-        self.step += 1;
+        Ok(())
+    }
+
+    /// The direction from the kept state (B, R_i, ρ_i of step t − 1) by eq. 6, after a failed
+    /// factorization: u_i = −B V diag((l + c)^{−1/2} − c^{−1/2}) Vᵀ Bᵀ g_i − c^{−1/2} g_i with
+    /// R_i = V diag(l) Vᵀ and c = ρ_i + ε. Writes only the workspace and `direction`.
+    fn kept_direction(
+        &mut self,
+        grad: MatRef<'_, T>,
+        mut direction: MatMut<'_, T>,
+    ) -> std::result::Result<(), StepFault> {
+        let (b, m, k) = (self.rows, self.blocks, self.rank);
+        let eps = T::of(self.config.eps);
+        let has_basis = self.has_basis();
+        let w = &mut self.work;
+        for (iso, &rho) in w.iso_scale.iter_mut().zip(&self.lost_mass) {
+            *iso = T::one() / (rho + eps).sqrt();
+        }
+        let basis = MatRef::from_column_major_slice(&self.basis, b, k);
+        if has_basis {
+            gemm(
+                w.coef_new.as_mut(),
+                false,
+                basis.transpose(),
+                grad,
+                T::one(),
+                par_layer(),
+            );
+            let threads = rayon::current_num_threads().max(1);
+            let chunk = m.div_ceil(threads * 4).max(8);
+            let kk = k * k;
+            let (coeffs, lost_mass) = (&self.coeffs, &self.lost_mass);
+            let (coef_new, iso_scale) = (w.coef_new.as_ref(), &w.iso_scale);
+            let ok = w
+                .dir_coef
+                .par_chunks_mut(chunk * k)
+                .enumerate()
+                .map(|(c, dirs)| {
+                    let mut eig = SymEig::<T>::new(k);
+                    let mut proj = vec![T::zero(); k];
+                    let mut ok = true;
+                    for (j, dir) in dirs.chunks_mut(k).enumerate() {
+                        let i = c * chunk + j;
+                        let r =
+                            MatRef::from_column_major_slice(&coeffs[i * kk..(i + 1) * kk], k, k);
+                        if eig.decompose(r).is_err() {
+                            ok = false;
+                            continue;
+                        }
+                        let (iso, shift) = (iso_scale[i], lost_mass[i] + eps);
+                        gemm(
+                            MatMut::from_column_major_slice_mut(&mut proj, k, 1),
+                            false,
+                            eig.vectors.transpose(),
+                            coef_new.col(i).as_mat(),
+                            T::one(),
+                            Par::Seq,
+                        );
+                        for (q, p) in proj.iter_mut().enumerate() {
+                            let l = eig.value(q);
+                            let l = if l > T::zero() { l } else { T::zero() };
+                            *p *= T::one() / (l + shift).sqrt() - iso;
+                        }
+                        gemm(
+                            MatMut::from_column_major_slice_mut(dir, k, 1),
+                            false,
+                            eig.vectors.as_ref(),
+                            col(&proj),
+                            T::one(),
+                            Par::Seq,
+                        );
+                    }
+                    ok
+                })
+                .reduce(|| true, |a, b| a && b);
+            if !ok {
+                return Err(StepFault::Refuse("kept-state eigendecomposition"));
+            }
+            let dir_coef = MatRef::from_column_major_slice(&w.dir_coef, k, m);
+            gemm(
+                direction.rb_mut(),
+                false,
+                basis,
+                dir_coef,
+                -T::one(),
+                par_layer(),
+            );
+        } else {
+            direction.fill(T::zero());
+        }
+        for (i, col) in direction.rb_mut().col_iter_mut().enumerate() {
+            let s = w.iso_scale[i];
+            let g = grad.col(i);
+            for (r, v) in col.iter_mut().enumerate() {
+                *v -= s * g[r];
+            }
+        }
+        if !direction
+            .rb()
+            .col_iter()
+            .all(|col| col.iter().all(|v| v.is_finite()))
+        {
+            return Err(StepFault::Refuse("kept-state direction"));
+        }
+        Ok(())
+    }
+}
+
+impl<T: Scalar> Preconditioner<T> for SharedBasis<T> {
+    fn precondition(&mut self, grad: MatRef<'_, T>, mut direction: MatMut<'_, T>) -> Result<()> {
+        let (b, m) = (self.rows, self.blocks);
+        check_shapes(
+            (grad.nrows(), grad.ncols()),
+            (direction.nrows(), direction.ncols()),
+            b,
+            m,
+        )?;
+        let t = self.step + 1;
+        check_finite(grad, t)?;
+        self.ensure_workspace();
+        match self.try_step(grad, direction.rb_mut()) {
+            Ok(()) => {
+                // Commit.
+                let w = &mut self.work;
+                std::mem::swap(&mut self.basis, &mut w.new_basis);
+                std::mem::swap(&mut self.coeffs, &mut w.new_coeffs);
+                std::mem::swap(&mut self.lost_mass, &mut w.new_lost_mass);
+                self.linalg.record(None);
+            }
+            Err(StepFault::Refuse(kernel)) => return Err(self.linalg.refusal(kernel, t)),
+            Err(StepFault::Kernel(kernel)) => match self.kept_direction(grad, direction) {
+                // Keep B, R_i and ρ_i as they were.
+                Ok(()) => self.linalg.record(Some(kernel)),
+                Err(StepFault::Kernel(k) | StepFault::Refuse(k)) => {
+                    return Err(self.linalg.refusal(k, t))
+                }
+            },
+        }
+        self.step = t;
         Ok(())
     }
 
     fn state_bytes(&self) -> usize {
         (self.basis.len() + self.coeffs.len() + self.lost_mass.len()) * std::mem::size_of::<T>()
+    }
+
+    fn linalg_health(&self) -> LinalgHealth {
+        self.linalg
     }
 
     fn steps(&self) -> u64 {

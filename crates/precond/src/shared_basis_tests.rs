@@ -4,7 +4,11 @@
 //! Tests of Algorithm 1 against independent dense f64 references (NOTES §3).
 
 use super::*;
-use crate::linalg::sym_eig;
+use crate::error::PrecondError;
+use crate::linalg::{
+    inject_failures, inject_failures_after, injected_remaining, sym_eig, FaultKind,
+};
+use crate::testing::{jacobi_eig, mul, on_one_thread, to_f64, transpose};
 use rand::Rng;
 
 /// Deterministic stream of (b, m) gradients: a shared rank-`r` part with per-block
@@ -433,4 +437,239 @@ fn same_seed_same_result_and_serde_round_trip_continues_identically() {
         assert_eq!(da, db);
     }
     let _ = rand::rng();
+}
+
+/// f32 gradients of a `Stream`.
+fn stream_f32(b: usize, m: usize, steps: usize, seed: u64) -> Vec<Mat<f32>> {
+    let mut stream = Stream::new(b, m, 2, 0.3, 0.5, seed);
+    (0..steps)
+        .map(|_| {
+            let g = stream.next();
+            Mat::<f32>::from_fn(b, m, |i, j| g[(i, j)] as f32)
+        })
+        .collect()
+}
+
+/// −(B R_i Bᵀ + (ρ_i + ε) I)^{−1/2} g_i for every block, from `state`'s B, R_i and ρ_i, by a
+/// dense b × b Jacobi eigendecomposition in f64 (independent of eq. 6 and of faer).
+fn dense_direction(state: &SharedBasis<f32>, g: &Mat<f32>) -> Mat<f64> {
+    let (b, m) = state.shape();
+    let basis = to_f64(state.basis());
+    let mut out = Mat::<f64>::zeros(b, m);
+    for i in 0..m {
+        let h = mul(&mul(&basis, &to_f64(state.coeffs(i))), &transpose(&basis));
+        let shift = state.lost_mass()[i] as f64 + state.config().eps;
+        let (vals, vecs) = jacobi_eig(&h);
+        let scaled = Mat::from_fn(b, b, |r, c| {
+            vecs[(r, c)] / (vals[c].max(0.0) + shift).sqrt()
+        });
+        let root = mul(&scaled, &transpose(&vecs));
+        let gi = Mat::from_fn(b, 1, |r, _| g[(r, i)] as f64);
+        let u = mul(&root, &gi);
+        for r in 0..b {
+            out[(r, i)] = -u[(r, 0)];
+        }
+    }
+    out
+}
+
+fn rel_err_f32(a: &Mat<f32>, want: &Mat<f64>) -> f64 {
+    max_rel_err(to_f64(a.as_ref()).as_ref(), want.as_ref())
+}
+
+/// Each factorization of step 3 in turn (the QRs of the randomized SVD and of B_⊥, the
+/// Rayleigh–Ritz eigendecomposition with oversampling, the SVD of B_⊥, every block's
+/// eigendecomposition and exact-ρ eigendecomposition) fails in both precisions (injected): the
+/// layer keeps B, every R_i and ρ_i of step 2 bitwise (the gradient is dropped from them), the
+/// step counter advances, the step is counted, and the direction is
+/// −(B R_i Bᵀ + (ρ_i + ε) I)^{−1/2} g_3 of the kept state (dense Jacobi in f64). Step 4 then
+/// equals, bitwise, that of a twin holding the step-2 state at step counter 3 (one that never
+/// saw g_3), and resets the run.
+#[test]
+fn failed_factorization_keeps_the_previous_state() {
+    on_one_thread(|| {
+        let (b, m, k) = (8, 5, 3);
+        let configs = [
+            config(k, RhoMode::PowerIteration(10), 1e-6),
+            SharedBasisConfig {
+                oversample: 2,
+                power_iters: 2,
+                ..config(k, RhoMode::Exact, 1e-6)
+            },
+        ];
+        for cfg in configs {
+            let grads = stream_f32(b, m, 4, 41);
+            let mut base = SharedBasis::<f32>::new(cfg.clone(), b, m).unwrap();
+            let mut dir = Mat::<f32>::zeros(b, m);
+            for g in &grads[..2] {
+                base.precondition(g.as_ref(), dir.as_mut()).unwrap();
+            }
+            // How many factorizations a successful step 3 makes (f32 failures retried in f64).
+            let mut probe = base.clone();
+            let mut fresh_dir = Mat::<f32>::zeros(b, m);
+            inject_failures(FaultKind::F32Only, 1000);
+            probe
+                .precondition(grads[2].as_ref(), fresh_dir.as_mut())
+                .unwrap();
+            let calls = 1000 - injected_remaining();
+            inject_failures(FaultKind::F32Only, 0);
+            assert!(calls > m + 2, "{calls} calls");
+            assert_eq!(probe.linalg_health(), LinalgHealth::default());
+            // The twin: the step-2 state at step counter 3.
+            let mut value = serde_json::to_value(&base).unwrap();
+            value["step"] = serde_json::json!(3);
+            let mut twin: SharedBasis<f32> = serde_json::from_value(value).unwrap();
+            let mut twin_dir = Mat::<f32>::zeros(b, m);
+            twin.precondition(grads[3].as_ref(), twin_dir.as_mut())
+                .unwrap();
+
+            let want = dense_direction(&base, &grads[2]);
+            let mut first: Option<Mat<f32>> = None;
+            let mut kernels = Vec::new();
+            for skip in 0..calls {
+                let mut st = base.clone();
+                inject_failures_after(skip, FaultKind::Both, 1);
+                let mut u = Mat::<f32>::zeros(b, m);
+                st.precondition(grads[2].as_ref(), u.as_mut()).unwrap();
+                assert_eq!(injected_remaining(), 0, "call {skip}");
+                assert_eq!(st.steps(), 3);
+                assert_eq!(st.basis(), base.basis(), "call {skip}");
+                for i in 0..m {
+                    assert_eq!(st.coeffs(i), base.coeffs(i), "call {skip}");
+                }
+                assert_eq!(st.lost_mass(), base.lost_mass());
+                let health = st.linalg_health();
+                assert_eq!((health.failures, health.consecutive), (1, 1));
+                kernels.push(health.last_kernel.unwrap());
+                let err = rel_err_f32(&u, &want);
+                assert!(err <= 1e-4, "call {skip}: {err:e}");
+                // Whichever factorization failed, the kept state gives the same direction.
+                match &first {
+                    None => {
+                        // Not vacuous: the step's own direction is another one.
+                        let fresh = rel_err_f32(&fresh_dir, &to_f64(u.as_ref()));
+                        assert!(fresh > 1e-3, "{fresh:e}");
+                        first = Some(u);
+                    }
+                    Some(f) => assert_eq!(&u, f),
+                }
+                let mut u4 = Mat::<f32>::zeros(b, m);
+                st.precondition(grads[3].as_ref(), u4.as_mut()).unwrap();
+                assert_eq!(u4, twin_dir, "call {skip}");
+                assert_eq!(st.basis(), twin.basis());
+                let health = st.linalg_health();
+                assert_eq!((health.failures, health.consecutive), (1, 0));
+            }
+            kernels.dedup();
+            println!(
+                "{:?}: {calls} factorizations, failing: {kernels:?}",
+                cfg.rho
+            );
+            for kernel in [
+                "randomized SVD (QR)",
+                "complement SVD",
+                "complement QR",
+                "block eigendecomposition",
+            ] {
+                assert!(kernels.contains(&kernel), "{kernel} never failed");
+            }
+            if cfg.oversample > 0 {
+                assert!(kernels.contains(&"Rayleigh-Ritz eigendecomposition"));
+            }
+        }
+    });
+}
+
+/// A failure at the very first step keeps the empty state: no basis, u = −g/√ε exactly; the
+/// next step starts the basis from its Gaussian as a first step does (orthonormal B).
+#[test]
+fn failed_first_step_keeps_the_empty_state() {
+    on_one_thread(|| {
+        let (b, m, k) = (8, 5, 3);
+        let eps = 1e-4;
+        let grads = stream_f32(b, m, 2, 42);
+        let mut st =
+            SharedBasis::<f32>::new(config(k, RhoMode::PowerIteration(5), eps), b, m).unwrap();
+        let mut u = Mat::<f32>::zeros(b, m);
+        inject_failures(FaultKind::Both, 1);
+        st.precondition(grads[0].as_ref(), u.as_mut()).unwrap();
+        let iso = 1.0f32 / (eps as f32).sqrt();
+        assert_eq!(
+            u,
+            Mat::<f32>::from_fn(b, m, |i, j| -(iso * grads[0][(i, j)]))
+        );
+        assert_eq!(st.basis().norm_max(), 0.0);
+        assert_eq!(st.steps(), 1);
+        st.precondition(grads[1].as_ref(), u.as_mut()).unwrap();
+        let basis = st.basis();
+        let off = (basis.transpose() * basis - Mat::<f32>::identity(k, k)).norm_max();
+        assert!(off <= 1e-5, "|BᵀB − I|max = {off:e}");
+        let health = st.linalg_health();
+        assert_eq!((health.failures, health.consecutive), (1, 0));
+        assert!(u.norm_max().is_finite() && u.norm_max() > 0.0);
+    });
+}
+
+/// Every factorization of step 3 fails in f32 and is retried in f64: the directions and the
+/// state stay within f32 rounding of an untouched twin's, and nothing is counted.
+#[test]
+fn f32_factorization_failure_is_retried_in_f64() {
+    on_one_thread(|| {
+        let (b, m, k) = (8, 5, 3);
+        let cfg = SharedBasisConfig {
+            oversample: 1,
+            ..config(k, RhoMode::PowerIteration(10), 1e-6)
+        };
+        let grads = stream_f32(b, m, 6, 43);
+        let mut st = SharedBasis::<f32>::new(cfg, b, m).unwrap();
+        let mut twin = st.clone();
+        for (s, g) in grads.iter().enumerate() {
+            let (mut u, mut w) = (Mat::<f32>::zeros(b, m), Mat::<f32>::zeros(b, m));
+            inject_failures(FaultKind::F32Only, if s == 2 { 1000 } else { 0 });
+            st.precondition(g.as_ref(), u.as_mut()).unwrap();
+            if s == 2 {
+                assert!(injected_remaining() < 1000 - m);
+                inject_failures(FaultKind::F32Only, 0);
+            }
+            twin.precondition(g.as_ref(), w.as_mut()).unwrap();
+            let err = rel_err_f32(&u, &to_f64(w.as_ref()));
+            assert!(err <= 1e-4, "step {}: {err:e}", s + 1);
+        }
+        let diff = (st.basis() - twin.basis()).norm_max();
+        assert!(diff <= 1e-4, "basis {diff:e}");
+        assert_eq!(st.linalg_health(), LinalgHealth::default());
+    });
+}
+
+/// The failure counts survive a JSON round trip; a state saved before they existed (no
+/// `linalg` key) loads with zeros and continues like the original.
+#[test]
+fn linalg_counts_survive_serde_and_old_states_load() {
+    on_one_thread(|| {
+        let (b, m) = (8, 5);
+        let grads = stream_f32(b, m, 5, 44);
+        let mut st =
+            SharedBasis::<f32>::new(config(3, RhoMode::PowerIteration(5), 1e-6), b, m).unwrap();
+        let mut u = Mat::<f32>::zeros(b, m);
+        st.precondition(grads[0].as_ref(), u.as_mut()).unwrap();
+        inject_failures(FaultKind::Both, 1);
+        st.precondition(grads[1].as_ref(), u.as_mut()).unwrap();
+        let mut back: SharedBasis<f32> =
+            serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+        let health = back.linalg_health();
+        assert_eq!((health.failures, health.consecutive), (1, 1));
+        let mut value = serde_json::to_value(&st).unwrap();
+        assert!(value.as_object_mut().unwrap().remove("linalg").is_some());
+        let mut old: SharedBasis<f32> = serde_json::from_value(value).unwrap();
+        assert_eq!(old.linalg_health(), LinalgHealth::default());
+        let (mut ub, mut uo) = (u.clone(), u.clone());
+        for g in &grads[2..] {
+            st.precondition(g.as_ref(), u.as_mut()).unwrap();
+            back.precondition(g.as_ref(), ub.as_mut()).unwrap();
+            old.precondition(g.as_ref(), uo.as_mut()).unwrap();
+            assert_eq!(u, ub);
+            assert_eq!(u, uo);
+        }
+        assert_eq!(back.linalg_health().consecutive, 0);
+    });
 }

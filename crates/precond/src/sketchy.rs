@@ -42,12 +42,24 @@
 //! [`Sketchy::failed_roots`] is incremented; a side whose frozen copy was never refreshed leaves
 //! the whole parameter unpreconditioned (u = −G).
 //!
+//! **Linear-algebra failures** (the policy of [`crate::optimizer`]). The thin QR and the
+//! eigendecomposition of an f32 sketch update that fail are retried in f64 inside
+//! [`crate::linalg`] (input converted to f64, result rounded back), so a retry that succeeds is
+//! not counted. An update that still fails (no convergence in f64 too, or anything non-finite,
+//! e.g. an overflow) keeps the previous sketch and frozen copy of that side, as described above:
+//! the sketch *is* that side's statistic, so this step's gradient is dropped from it, and the
+//! direction is computed with the kept frozen copy. [`Sketchy::failed_roots`] counts every such
+//! update; [`Preconditioner::linalg_health`] counts the steps with at least one failed update
+//! (`failures`) and how many came in a row (`consecutive`; every step updates the sketches, so a
+//! step whose updates all succeed resets it). Erroring after too many failures in a row is
+//! [`crate::optimizer::ParamOptimizer`]'s job ([`crate::OptimizerConfig::max_linalg_failures`]).
+//!
 //! Apart from shape, non-finite-gradient and state-mismatch errors (returned before any state
 //! changes) a step cannot fail: update failures are counted, not returned.
 
 use crate::error::{invalid, PrecondError, Result};
 use crate::linalg::{gemm, par_layer, thin_q, SymEig};
-use crate::preconditioner::{check_finite, check_shapes, check_view, Preconditioner};
+use crate::preconditioner::{check_finite, check_shapes, check_view, LinalgHealth, Preconditioner};
 use crate::scalar::Scalar;
 use crate::shampoo::pieces;
 use faer::reborrow::ReborrowMut;
@@ -233,7 +245,9 @@ impl<T: Scalar> Side<T> {
             gemm(m.as_mut(), false, z.as_ref(), z.transpose(), one, par);
             (None, m)
         } else {
-            let q = thin_q(z.as_ref());
+            let Ok(q) = thin_q(z.as_ref()) else {
+                return false;
+            };
             let mut r = Mat::<T>::zeros(k, k);
             gemm(r.as_mut(), false, q.transpose(), z.as_ref(), one, par);
             let mut m = Mat::<T>::zeros(k, k);
@@ -449,6 +463,9 @@ pub struct Sketchy<T: Scalar> {
     failed_roots: u64,
     /// Blocks in column-major grid order (row pieces vary fastest).
     blocks: Vec<Block<T>>,
+    /// Steps with a failed sketch update (absent from states saved before it existed: zeros).
+    #[serde(default)]
+    linalg: LinalgHealth,
     #[serde(skip)]
     work: Workspace<T>,
 }
@@ -462,6 +479,7 @@ impl<T: Scalar> Clone for Sketchy<T> {
             step: self.step,
             failed_roots: self.failed_roots,
             blocks: self.blocks.clone(),
+            linalg: self.linalg,
             work: Workspace::default(),
         }
     }
@@ -476,6 +494,7 @@ impl<T: Scalar> std::fmt::Debug for Sketchy<T> {
             .field("blocks", &self.blocks.len())
             .field("step", &self.step)
             .field("failed_roots", &self.failed_roots)
+            .field("linalg", &self.linalg)
             .finish_non_exhaustive()
     }
 }
@@ -502,6 +521,7 @@ impl<T: Scalar> Sketchy<T> {
             step: 0,
             failed_roots: 0,
             blocks,
+            linalg: LinalgHealth::default(),
             work: Workspace::default(),
         })
     }
@@ -521,8 +541,8 @@ impl<T: Scalar> Sketchy<T> {
         self.blocks.len()
     }
 
-    /// Sketch updates (one per side, block and step) whose eigendecomposition failed or was
-    /// non-finite; each kept its previous sketch and frozen copy.
+    /// Sketch updates (one per side, block and step) whose QR or eigendecomposition failed (in
+    /// f64 too) or was non-finite; each kept its previous sketch and frozen copy.
     pub fn failed_roots(&self) -> u64 {
         self.failed_roots
     }
@@ -587,12 +607,18 @@ impl<T: Scalar> Sketchy<T> {
                 .sum()
         };
         self.failed_roots += failed;
+        self.linalg
+            .record((failed > 0).then_some("Sketchy sketch update"));
     }
 }
 
 impl<T: Scalar> Preconditioner<T> for Sketchy<T> {
     fn is_ready(&self) -> bool {
         self.is_preconditioning()
+    }
+
+    fn linalg_health(&self) -> LinalgHealth {
+        self.linalg
     }
 
     fn precondition(&mut self, grad: MatRef<'_, T>, mut direction: MatMut<'_, T>) -> Result<()> {
@@ -724,8 +750,11 @@ mod tests {
     #![allow(clippy::needless_range_loop)]
 
     use super::*;
+    use crate::linalg::{inject_failures, inject_failures_after, injected_remaining, FaultKind};
     use crate::shampoo::{Shampoo, ShampooConfig};
-    use crate::testing::{gradients, jacobi_eig, mul, oracle_root, to_f64, transpose};
+    use crate::testing::{
+        gradients, jacobi_eig, mul, on_one_thread, oracle_root, to_f64, transpose,
+    };
 
     /// An explicit d × d FD sketch S and escaped mass ρ (f64).
     #[derive(Clone)]
@@ -1365,5 +1394,156 @@ mod tests {
                 assert_eq!(u[(i, j)], -huge[(i, j)]);
             }
         }
+    }
+
+    /// Single-block Sketchy in `T` (left: d = 10, ℓ = 2, c = 3, QR path; right: d = 3, direct
+    /// path) whose step-3 kernel calls fail in both precisions after `skip` good ones (`n` of
+    /// them; the calls are left QR, left eigendecomposition, right eigendecomposition): a side
+    /// whose update failed keeps its step-2 sketch and frozen copy bitwise (this gradient is
+    /// dropped from it), the direction applies the kept frozen copy (against the explicit FD
+    /// oracle in f64, fed G_1, G_2 on a failed side and G_1..G_3 on the other), the step is
+    /// counted once, and step 4 (the failed side continuing without G_3) resets the run.
+    /// Returns the worst relative error of the directions.
+    fn kept_sketch_case<T: Scalar>(skip: usize, n: usize) -> f64 {
+        let config = SketchyConfig {
+            rank: 2,
+            block_size: 16,
+            ..SketchyConfig::default()
+        };
+        let (b, m) = (10, 3);
+        let grads = gradients::<T>(b, m, 4, 0.5, 15);
+        let g64: Vec<_> = grads.iter().map(|g| to_f64(g.as_ref())).collect();
+        let mut state = Sketchy::<T>::new(&config, b, m).unwrap();
+        run(&mut state, &grads[..2]);
+        let saved = state.blocks[0].clone();
+        inject_failures_after(skip, FaultKind::Both, n);
+        let u3 = run(&mut state, &grads[2..3]).remove(0);
+        assert_eq!(injected_remaining(), 0);
+        // The left update makes two calls (a failed QR ends it), the right one one.
+        let left_failed = skip <= 1;
+        let right_failed = skip + n == 3 || (skip == 0 && n == 2);
+        assert_eq!(
+            state.failed_roots(),
+            u64::from(left_failed) + u64::from(right_failed)
+        );
+        let health = state.linalg_health();
+        assert_eq!((health.failures, health.consecutive), (1, 1));
+        let block = &state.blocks[0];
+        for (now, then, failed) in [
+            (&block.left, &saved.left, left_failed),
+            (&block.right, &saved.right, right_failed),
+        ] {
+            assert_eq!(
+                now.sketch == then.sketch && now.frozen == then.frozen,
+                failed
+            );
+        }
+        let (mut left, mut right) = (OracleSketch::new(b), OracleSketch::new(m));
+        let steps_into = |side: &mut OracleSketch, failed: bool, right: bool| {
+            for (t, g) in g64[..3].iter().enumerate() {
+                if !(failed && t == 2) {
+                    let x = if right { transpose(g) } else { g.clone() };
+                    side.update(&x, config.rank, 1.0, 1.0);
+                }
+            }
+        };
+        steps_into(&mut left, left_failed, false);
+        steps_into(&mut right, right_failed, true);
+        let direction = |left: &OracleSketch, right: &OracleSketch, g: &Mat<f64>| {
+            let u = mul(&mul(&left.root(config.eps), g), &right.root(config.eps));
+            Mat::from_fn(b, m, |i, j| -u[(i, j)])
+        };
+        let mut worst = rel_err(&u3, &direction(&left, &right, &g64[2]));
+        // Not vacuous: the direction without the failure differs.
+        let (mut l3, mut r3) = (OracleSketch::new(b), OracleSketch::new(m));
+        steps_into(&mut l3, false, false);
+        steps_into(&mut r3, false, true);
+        assert!(rel_err(&u3, &direction(&l3, &r3, &g64[2])) > 1e-3);
+        // Step 4: the failed side continues from its step-2 sketch; the run resets.
+        let u4 = run(&mut state, &grads[3..4]).remove(0);
+        left.update(&g64[3], config.rank, 1.0, 1.0);
+        right.update(&transpose(&g64[3]), config.rank, 1.0, 1.0);
+        worst = worst.max(rel_err(&u4, &direction(&left, &right, &g64[3])));
+        let health = state.linalg_health();
+        assert_eq!((health.failures, health.consecutive), (1, 0));
+        worst
+    }
+
+    #[test]
+    fn failed_updates_in_both_precisions_keep_the_previous_sketch() {
+        on_one_thread(|| {
+            for (skip, n) in [(0, 1), (1, 1), (2, 1), (0, 2)] {
+                let err64 = kept_sketch_case::<f64>(skip, n);
+                let err32 = kept_sketch_case::<f32>(skip, n);
+                println!("skip {skip}, fail {n}: max rel err f64 {err64:.2e}, f32 {err32:.2e}");
+                assert!(err64 <= 1e-10, "f64 {err64:e}");
+                assert!(err32 <= 1e-4, "f32 {err32:e}");
+            }
+        });
+    }
+
+    /// Every f32 QR and eigendecomposition of step 3 fails and is retried in f64: every
+    /// direction equals an untouched twin's within f32 rounding, and nothing is counted.
+    #[test]
+    fn f32_update_failure_is_retried_in_f64() {
+        on_one_thread(|| {
+            let config = SketchyConfig {
+                rank: 2,
+                block_size: 16,
+                ..SketchyConfig::default()
+            };
+            let grads = gradients::<f32>(10, 3, 5, 0.5, 16);
+            let mut state = Sketchy::<f32>::new(&config, 10, 3).unwrap();
+            let mut twin = state.clone();
+            for (s, g) in grads.iter().enumerate() {
+                inject_failures(FaultKind::F32Only, if s == 2 { 100 } else { 0 });
+                let u = run(&mut state, std::slice::from_ref(g)).remove(0);
+                if s == 2 {
+                    // Left QR, left and right eigendecompositions.
+                    assert_eq!(injected_remaining(), 97);
+                    inject_failures(FaultKind::F32Only, 0);
+                }
+                let w = run(&mut twin, std::slice::from_ref(g)).remove(0);
+                let err = rel_err(&u, &w);
+                assert!(err <= 1e-4, "step {}: {err:e}", s + 1);
+            }
+            assert_eq!(state.failed_roots(), 0);
+            assert_eq!(state.linalg_health(), LinalgHealth::default());
+        });
+    }
+
+    /// The failure counts survive a JSON round trip; a state saved before they existed (no
+    /// `linalg` key) loads with zeros and continues like the original.
+    #[test]
+    fn linalg_counts_survive_serde_and_old_states_load() {
+        on_one_thread(|| {
+            let config = SketchyConfig {
+                rank: 2,
+                block_size: 3,
+                ..SketchyConfig::default()
+            };
+            let grads = gradients::<f32>(5, 4, 4, 0.5, 17);
+            let mut state = Sketchy::<f32>::new(&config, 5, 4).unwrap();
+            run(&mut state, &grads[..1]);
+            inject_failures(FaultKind::Both, 1);
+            run(&mut state, &grads[1..2]);
+            let mut back: Sketchy<f32> =
+                serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+            assert_eq!(back.failed_roots(), 1);
+            let health = back.linalg_health();
+            assert_eq!((health.failures, health.consecutive), (1, 1));
+            let mut value = serde_json::to_value(&state).unwrap();
+            assert!(value.as_object_mut().unwrap().remove("linalg").is_some());
+            let mut old: Sketchy<f32> = serde_json::from_value(value).unwrap();
+            assert_eq!(old.linalg_health(), LinalgHealth::default());
+            let a = run(&mut state, &grads[2..]);
+            let b = run(&mut back, &grads[2..]);
+            let c = run(&mut old, &grads[2..]);
+            for ((a, b), c) in a.iter().zip(&b).zip(&c) {
+                assert_eq!(a, b);
+                assert_eq!(a, c);
+            }
+            assert_eq!(back.linalg_health().consecutive, 0);
+        });
     }
 }

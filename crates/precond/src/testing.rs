@@ -136,3 +136,13 @@ pub fn flat_gradients(n: usize, steps: usize, seed: u64) -> Vec<Vec<f64>> {
         })
         .collect()
 }
+
+/// Runs `f` on the single thread of a fresh one-thread rayon pool, so that every parallel pass
+/// inside it (and the thread-local fault injection of [`crate::linalg`]) stays on that thread.
+pub fn on_one_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("one-thread pool")
+        .install(f)
+}
