@@ -644,6 +644,9 @@ mod tests {
             "loss_vs_epoch.svg",
             "loss_vs_time.png",
             "loss_vs_time.svg",
+            // The fixture's runs have an eval_accuracy column.
+            "best_eval_vs_time.png",
+            "best_eval_vs_time.svg",
         ]
         .iter()
         .map(|n| runs.join(n))
@@ -697,10 +700,13 @@ mod tests {
         let out = tmp.path().join("out");
         let r = report(&[a.clone(), b.clone(), c.clone()], Some(&out)).unwrap();
         let rows: Vec<&str> = r.table.lines().collect();
-        assert!(rows[0].ends_with("| Peak RSS (MB) | Best eval accuracy (%) |"));
+        assert!(rows[0].ends_with(
+            "| Peak RSS (MB) | Best eval accuracy (%) | Time to best eval (s) | Test accuracy (%) |"
+        ));
+        assert!(rows[0].contains("| Final eval loss |"), "{}", rows[0]);
         assert_eq!(
             rows[2],
-            "| lr-1e-3 | 1 | 2.000 | 2.500 | 0.5 | 3.46 | 42.13 | 22.7 | 812.3 | - |"
+            "| lr-1e-3 | 1 | 2.000 | 2.500 | 0.5 | 3.46 | 42.13 | 22.7 | 812.3 | - | - | - |"
         );
         let b_label = b.display().to_string();
         let c_label = c.display().to_string();
@@ -709,13 +715,13 @@ mod tests {
             "{}",
             rows[3]
         );
-        assert!(rows[3].ends_with("| 97.35 |"), "{}", rows[3]);
+        assert!(rows[3].ends_with("| 97.35 | - | - |"), "{}", rows[3]);
         assert!(
             rows[4].starts_with(&format!("| {c_label} |")),
             "{}",
             rows[4]
         );
-        assert!(rows[4].ends_with("| 50.00 |"), "{}", rows[4]);
+        assert!(rows[4].ends_with("| 50.00 | - | - |"), "{}", rows[4]);
         assert!(r.written.iter().all(|p| p.starts_with(&out)));
         let svg = fs::read_to_string(out.join("loss_vs_epoch.svg")).unwrap();
         assert!(svg.contains(">\nlr-1e-3\n</text>"));
