@@ -82,18 +82,23 @@ impl Autoencoder {
 
     /// SHA-256 (hex) over the little-endian bytes of [`flat_params`](Self::flat_params).
     pub fn params_sha256(&self) -> String {
-        let mut hasher = Sha256::new();
-        for values in self.flat_params() {
-            for v in values {
-                hasher.update(v.to_le_bytes());
-            }
-        }
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        sha256_hex(&self.flat_params())
     }
+}
+
+/// SHA-256 (hex) over the little-endian bytes of `params`, in order (a model's fingerprint).
+pub fn sha256_hex(params: &[Vec<f32>]) -> String {
+    let mut hasher = Sha256::new();
+    for values in params {
+        for v in values {
+            hasher.update(v.to_le_bytes());
+        }
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {

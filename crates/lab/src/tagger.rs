@@ -536,17 +536,7 @@ impl Tagger {
 
     /// SHA-256 (hex) over the little-endian bytes of [`flat_params`](Self::flat_params).
     pub fn params_sha256(&self) -> String {
-        let mut hasher = Sha256::new();
-        for values in self.flat_params() {
-            for v in values {
-                hasher.update(v.to_le_bytes());
-            }
-        }
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crate::autoencoder::sha256_hex(&self.flat_params())
     }
 }
 
