@@ -1,5 +1,6 @@
 //! `precond`: the command line of the precond project (benchmarks, replay, reports).
 
+mod analyze;
 mod autoencoder;
 mod bench;
 mod compare;
@@ -54,6 +55,10 @@ enum Command {
     /// summary.md and best.toml in --out
     #[command(subcommand)]
     Search(search::SearchTask),
+    /// The evidence behind the method on your own model and data: block structure, low-rank
+    /// features, shared vs independent bases, ablations, regret (CSV + PNG/SVG in --out)
+    #[command(subcommand)]
+    Analyze(analyze::AnalyzeTask),
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +158,12 @@ fn main() -> ExitCode {
                         ExitCode::from(130)
                     }
                 })
+                .map_err(Into::into)
+        }
+        Command::Analyze(task) => {
+            let stop = interrupt_flag();
+            analyze::command(&task, &stop)
+                .map(|()| ExitCode::SUCCESS)
                 .map_err(Into::into)
         }
     };

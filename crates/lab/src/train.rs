@@ -1384,6 +1384,20 @@ fn write_checkpoint<M: Module>(
     write_atomic(path, &buf)
 }
 
+/// The config and model record (burnpack bytes of `ModuleRecord`) of the run in `dir`, from its
+/// checkpoint: what `precond analyze --run DIR` studies.
+pub fn load_run(dir: &Path) -> Result<(TrainConfig, Vec<u8>), TrainError> {
+    let path = dir.join(CHECKPOINT);
+    if !path.is_file() {
+        return Err(TrainError::Checkpoint {
+            path,
+            msg: "not found (is this a run directory?)".into(),
+        });
+    }
+    let (progress, model, _) = read_checkpoint(&path)?;
+    Ok((progress.config, model))
+}
+
 fn read_checkpoint(path: &Path) -> Result<(Progress, Vec<u8>, Vec<u8>), TrainError> {
     let bytes = fs::read(path).map_err(io_err(path))?;
     let bad = |msg: &str| TrainError::Checkpoint {

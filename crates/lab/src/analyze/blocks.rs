@@ -1,0 +1,24 @@
+//! `precond analyze blocks` (being written).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use super::AnalyzeError;
+
+/// `precond analyze blocks` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BlocksArgs {
+    /// Output directory (CSV, PNG, SVG)
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A small configuration that finishes in about a minute on 2 cores
+    #[arg(long)]
+    pub quick: bool,
+}
+
+pub fn run(args: &BlocksArgs, _stop: &AtomicBool) -> Result<(), AnalyzeError> {
+    Err(AnalyzeError::Invalid(format!(
+        "analyze blocks: not implemented ({})",
+        args.out.display()
+    )))
+}
