@@ -46,8 +46,8 @@
 //! eigendecomposition of each kept R_i; before any basis exists, u = −ε^{−1/2} g), the step
 //! counter advances, and [`Preconditioner::linalg_health`] counts the step (`failures`, and
 //! `consecutive`, which a successful step resets). An overflow is not a kernel failure: a step
-//! whose kernel input or new state holds ∞ or NaN (f32 overflows from |g| ≈ 1e9, since A is
-//! quartic in g), or whose kept-state direction cannot be computed, is refused with
+//! whose kernel input or new state holds ∞ or NaN (in f32 from |g| ≈ 1e19, where g gᵀ
+//! overflows; A·Y, quartic in g, is computed pre-scaled by a power of two), or whose kept-state direction cannot be computed, is refused with
 //! [`crate::PrecondError::LinalgFailure`] and changes nothing (nothing counted). Erroring after too
 //! many failures in a row is [`crate::optimizer::ParamOptimizer`]'s job
 //! ([`crate::OptimizerConfig::max_linalg_failures`]).
@@ -170,6 +170,10 @@ struct Workspace<T: Scalar> {
     iso_scale: Vec<T>,
     /// |g_i|² of the scaled gradient.
     sq_norms: Vec<T>,
+    /// The exponent e of A·Y's power-of-two pre-scaling (see [`ay_exponent`]).
+    ay_exponent: i32,
+    /// 2^{−2e}·[R_1 … R_m] (k × mk): the coefficients as S is formed from them.
+    scaled_coeffs: Mat<T>,
     /// New state, swapped in at the end of a successful step.
     new_basis: Vec<T>,
     new_coeffs: Vec<T>,
@@ -198,6 +202,8 @@ impl<T: Scalar> Default for Workspace<T> {
             outside: Vec::new(),
             iso_scale: Vec::new(),
             sq_norms: Vec::new(),
+            ay_exponent: 0,
+            scaled_coeffs: empty(),
             new_basis: Vec::new(),
             new_coeffs: Vec::new(),
             new_lost_mass: Vec::new(),
@@ -402,6 +408,7 @@ impl<T: Scalar> SharedBasis<T> {
         w.outside = vec![T::zero(); m];
         w.iso_scale = vec![T::zero(); m];
         w.sq_norms = vec![T::zero(); m];
+        w.scaled_coeffs = Mat::zeros(k, m * k);
         w.new_basis = vec![T::zero(); b * k];
         w.new_coeffs = vec![T::zero(); m * k * k];
         w.new_lost_mass = vec![T::zero(); m];
@@ -413,7 +420,8 @@ impl<T: Scalar> SharedBasis<T> {
         self.basis.iter().any(|&v| v != T::zero())
     }
 
-    /// A·Y by the factored formula (NOTES §2 step 2), into `work.ay`.
+    /// 2^{−3e}·A·Y by the factored formula (NOTES §2 step 2), into `work.ay` (e =
+    /// `work.ay_exponent`; the scale does not change the span the QR extracts).
     fn apply_a(&mut self, y: MatRef<'_, T>, has_basis: bool, decay: T) {
         let m = self.blocks;
         let k = self.rank;
@@ -429,12 +437,14 @@ impl<T: Scalar> SharedBasis<T> {
         );
         // right = [G'ᵀY; PᵀY + diag(|g_i|²) G'ᵀY], so that [P | G'] · right = P G'ᵀY + G' PᵀY
         // + G' diag(|g_i|²) G'ᵀY.
+        // Pre-scaled by 2^{−3e} (see `ay_exponent`): P holds 2^{−3e}·P already.
+        let sq_scale = pow2::<T>(-3 * w.ay_exponent);
         let cols = y.ncols();
         for j in 0..cols {
             for i in 0..m {
                 let gty = w.pgy[(m + i, j)];
                 w.right[(i, j)] = gty;
-                w.right[(m + i, j)] = w.pgy[(i, j)] + w.sq_norms[i] * gty;
+                w.right[(m + i, j)] = w.pgy[(i, j)] + (w.sq_norms[i] * sq_scale) * gty;
             }
         }
         gemm(
@@ -446,7 +456,8 @@ impl<T: Scalar> SharedBasis<T> {
             par_layer(),
         );
         if has_basis {
-            // + B (S (Bᵀ Y)), with S = Σ (β2 R_i)(β2 R_i).
+            // + B (S (Bᵀ Y)), with S = Σ (β2 R_i)(β2 R_i); `w.s` holds 2^{−4e}·S, so the factor
+            // 2^{e} brings the term to the common 2^{−3e}.
             let basis = MatRef::from_column_major_slice(&self.basis, self.rows, k);
             gemm(
                 w.by.as_mut(),
@@ -461,7 +472,7 @@ impl<T: Scalar> SharedBasis<T> {
                 false,
                 w.s.as_ref(),
                 w.by.as_ref(),
-                decay * decay,
+                decay * decay * pow2::<T>(w.ay_exponent),
                 Par::Seq,
             );
             gemm(
@@ -666,6 +677,25 @@ fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
     a.iter().zip(b).fold(T::zero(), |acc, (&u, &v)| acc + u * v)
 }
 
+/// |v|₂ without overflow: √(v·v) where that is finite, else computed on v scaled by a power of
+/// two (exact), so that a residual of norm ≈ 1e19 … 1e38 in f32 still has its norm. ∞ or NaN
+/// only for a vector holding them.
+fn norm2<T: Scalar>(v: &[T]) -> T {
+    let direct = dot(v, v);
+    if direct.is_finite() {
+        return direct.sqrt();
+    }
+    let largest = v.iter().fold(T::zero(), |acc, &x| acc.max(x.abs()));
+    if !largest.is_finite() {
+        return largest + T::one();
+    }
+    let shift = pow2::<T>(-(largest.f64().log2().floor() as i32));
+    let scaled = v
+        .iter()
+        .fold(T::zero(), |acc, &x| acc + (x * shift) * (x * shift));
+    scaled.sqrt() / shift
+}
+
 impl<'a, T: Scalar> BlockInputs<'a, T> {
     /// y = E_i x with E_i = L (β2 R_old) Lᵀ ⊕ 0 + e eᵀ − R_new ⊕ 0 (module docs).
     #[allow(clippy::too_many_arguments)] // the hot loop's borrowed inputs and two scratch rows
@@ -802,7 +832,7 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
                     let ej = if j + 1 < n { e[j] } else { self.outside[i] };
                     *v = ej;
                 }
-                let enorm = dot(x, x).sqrt();
+                let enorm = norm2(x);
                 let enorm = if enorm > T::zero() { enorm } else { T::one() };
                 x.iter_mut().for_each(|v| *v = *v / enorm + spread);
                 let xn = dot(x, x).sqrt();
@@ -810,9 +840,13 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
                 let mut est = T::zero();
                 for _ in 0..iters {
                     self.residual_apply(i, r_old, r_new.rb(), x, y, &mut sc.u, &mut sc.v);
-                    let len = dot(y, y).sqrt();
+                    let len = norm2(y);
+                    if !len.is_finite() {
+                        // An overflowed residual: refuse the step rather than store ρ = 0.
+                        return BlockOutcome::Overflow;
+                    }
                     est = len;
-                    if len.is_nan() || len <= T::zero() {
+                    if len <= T::zero() {
                         break;
                     }
                     for (xv, &yv) in x.iter_mut().zip(y.iter()) {
@@ -928,15 +962,18 @@ impl<T: Scalar> SharedBasis<T> {
                 let col = w.pg.col(m + i);
                 w.sq_norms[i] = col.iter().fold(T::zero(), |acc, &v| acc + v * v);
             }
+            w.ay_exponent = ay_exponent(&w.sq_norms, &self.coeffs, k, decay);
             let basis = MatRef::from_column_major_slice(&self.basis, b, k);
             if has_basis {
                 let gs = w.pg.as_ref().submatrix(0, m, b, m);
+                // 2^{−e}·a_i: the pre-scaling of A·Y (`ay_exponent`); a_i is used nowhere else.
+                let e = w.ay_exponent;
                 gemm(
                     w.coef_old.as_mut(),
                     false,
                     basis.transpose(),
                     gs,
-                    T::one(),
+                    pow2::<T>(-e),
                     par_layer(),
                 );
                 let kk = k * k;
@@ -953,7 +990,7 @@ impl<T: Scalar> SharedBasis<T> {
                             false,
                             r,
                             coef_old.col(i).as_mat(),
-                            decay,
+                            decay * pow2::<T>(-2 * e),
                             Par::Seq,
                         );
                     });
@@ -967,12 +1004,24 @@ impl<T: Scalar> SharedBasis<T> {
                     par_layer(),
                 );
                 // S = Σ R_i R_iᵀ = R_h R_hᵀ with R_h = [R_1 … R_m] (k × mk); β2² is applied in A·Y.
+                // Formed from 2^{−2e}·R_h (so 2^{−4e}·S), since R_h R_hᵀ itself overflows f32 for
+                // |R| ≳ 1e19.
                 let stacked = MatRef::from_column_major_slice(&self.coeffs, k, m * k);
+                let to_unit = pow2::<T>(-2 * e);
+                w.scaled_coeffs
+                    .as_mut()
+                    .col_iter_mut()
+                    .zip(stacked.col_iter())
+                    .for_each(|(dst, src)| {
+                        dst.iter_mut()
+                            .zip(src.iter())
+                            .for_each(|(d, &v)| *d = v * to_unit)
+                    });
                 gemm(
                     w.s.as_mut(),
                     false,
-                    stacked,
-                    stacked.transpose(),
+                    w.scaled_coeffs.as_ref(),
+                    w.scaled_coeffs.transpose(),
                     T::one(),
                     par_layer(),
                 );
@@ -1290,6 +1339,36 @@ impl<T: Scalar> Preconditioner<T> for SharedBasis<T> {
     fn steps(&self) -> u64 {
         self.step
     }
+}
+
+/// 2^p as a `T` (exact: |p| ≤ 120 stays inside f32's normal range).
+fn pow2<T: Scalar>(p: i32) -> T {
+    T::of(2f64.powi(p))
+}
+
+/// The exponent e of A·Y's pre-scaling. A = Σ_i M_i M_iᵀ is quartic in the gradient's scale,
+/// so in f32 it overflows from |g| ≈ 1e9 on (and loses precision to underflow for tiny ones)
+/// although B, R_i and the direction do not. Step 2 only needs span(A·Y), so it runs on
+/// g̃ = 2^{−e} g and R̃_i = 2^{−2e} R_i with 4^e ≈ the larger of max_i |g_i|² and max_i
+/// β2·max diag R_i, i.e. computes 2^{−3e}·A·Y. Scaling by powers of two is exact, so away
+/// from overflow and underflow the new basis is bitwise what the unscaled product gives.
+/// e = 0 when the scale is 0 or not finite (an overflow the step then refuses).
+fn ay_exponent<T: Scalar>(sq_norms: &[T], coeffs: &[T], k: usize, decay: T) -> i32 {
+    let grad = sq_norms.iter().fold(0.0f64, |acc, &v| acc.max(v.f64()));
+    let coef = if k == 0 {
+        0.0
+    } else {
+        coeffs
+            .chunks_exact(k * k)
+            .flat_map(|r| (0..k).map(move |j| r[j * (k + 1)]))
+            .fold(0.0f64, |acc, v| acc.max(v.f64()))
+            * decay.f64()
+    };
+    let scale = grad.max(coef);
+    if !(scale.is_finite() && scale > 0.0) {
+        return 0;
+    }
+    ((scale.log2() / 2.0).floor() as i32).clamp(-40, 40)
 }
 
 #[cfg(test)]

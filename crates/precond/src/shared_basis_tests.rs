@@ -241,6 +241,46 @@ fn basis_orthonormal_and_coeffs_psd_after_10000_f32_steps() {
     assert!(dir.col_iter().all(|c| c.iter().all(|v| v.is_finite())));
 }
 
+/// The long-run check of issue 9: 100,000 f32 steps on a (256, 64) layer at the paper's rank 32
+/// (plain sums, β2 = 1, so R_i and ρ_i grow for the whole run): BᵀB stays within 1e-4 of I and
+/// nothing becomes non-finite. Minutes in release: run with
+/// `cargo test --release -p precond basis_drift -- --ignored --nocapture`.
+#[test]
+#[ignore = "long: 100k steps (a few minutes in release)"]
+fn basis_drift_over_100k_f32_steps_on_256x64() {
+    let (b, m, k, steps) = (256, 64, 32, 100_000);
+    let mut state =
+        SharedBasis::<f32>::new(config(k, RhoMode::PowerIteration(10), 1e-6), b, m).unwrap();
+    let mut stream = Stream::new(b, m, 48, 0.3, 2.0, 21);
+    let mut dir = Mat::<f32>::zeros(b, m);
+    let mut worst = 0.0f32;
+    let started = std::time::Instant::now();
+    for t in 1..=steps {
+        let g = stream.next();
+        let g32 = Mat::<f32>::from_fn(b, m, |i, j| g[(i, j)] as f32);
+        state.precondition(g32.as_ref(), dir.as_mut()).unwrap();
+        assert!(
+            dir.col_iter().all(|c| c.iter().all(|v| v.is_finite())),
+            "non-finite direction at step {t}"
+        );
+        if t % 1000 == 0 || t == steps {
+            let basis = state.basis();
+            let drift = (basis.transpose() * basis - Mat::<f32>::identity(k, k)).norm_max();
+            worst = worst.max(drift);
+            if t % 10_000 == 0 {
+                let rho_max = state.lost_mass().iter().fold(0.0f32, |a, &r| a.max(r));
+                println!(
+                    "step {t}: |BᵀB − I|max {drift:.2e} (worst so far {worst:.2e}), max ρ {rho_max:.3e}, {:.0} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+    assert!(worst <= 1e-4, "|BᵀB − I|max reached {worst:e}");
+    assert!(state.lost_mass().iter().all(|r| r.is_finite()));
+    assert_eq!(state.linalg_health().failures, 0);
+}
+
 #[test]
 fn factored_product_equals_explicit_sum() {
     let (b, m, k) = (15, 7, 4);
@@ -252,36 +292,62 @@ fn factored_product_equals_explicit_sum() {
             .precondition(stream.next().as_ref(), dir.as_mut())
             .unwrap();
     }
-    // Replicate step 1 of `precondition` for a fresh gradient, then call apply_a.
+    // Replicate step 1 of `precondition` for a fresh gradient, then call apply_a: unscaled
+    // (e = 0), and pre-scaled by 2^{−3e} as `try_step` does for e = 5 and e = −7 (P holds
+    // 2^{−3e}·P, S holds 2^{−4e}·S): the result is 2^{−3e}·A·Y.
     let g = stream.next();
     state.ensure_workspace();
     let basis = state.basis().to_owned();
     let coeffs: Vec<Mat<f64>> = (0..m).map(|i| state.coeffs(i).to_owned()).collect();
-    {
-        let w = &mut state.work;
-        w.pg.as_mut().submatrix_mut(0, m, b, m).copy_from(&g);
-        for i in 0..m {
-            w.sq_norms[i] = g.col(i).squared_norm_l2();
-            let p = &basis * &coeffs[i] * basis.transpose() * g.col(i).as_mat();
-            w.pg.as_mut().submatrix_mut(0, i, b, 1).copy_from(&p);
-        }
-        w.s = coeffs.iter().fold(Mat::zeros(k, k), |acc, r| acc + r * r);
-    }
     let y = Mat::<f64>::from_fn(b, k + 2, |i, j| ((i * 7 + j * 3) % 5) as f64 - 2.0);
-    state.work.ay = Mat::zeros(b, k + 2);
-    state.work.pgy = Mat::zeros(2 * m, k + 2);
-    state.work.right = Mat::zeros(2 * m, k + 2);
-    state.work.by = Mat::zeros(k, k + 2);
-    state.work.sby = Mat::zeros(k, k + 2);
-    state.apply_a(y.as_ref(), true, 1.0);
     let mut want = Mat::<f64>::zeros(b, k + 2);
     for i in 0..m {
         let gi = g.col(i).as_mat();
         let mi = &basis * &coeffs[i] * basis.transpose() + gi * gi.transpose();
         want += &mi * (&mi * &y);
     }
-    let err = max_rel_err(state.work.ay.as_ref(), want.as_ref());
-    assert!(err <= 1e-12, "factored A·Y relative error {err:e}");
+    for e in [0, 5, -7] {
+        let p_scale = 2f64.powi(-3 * e);
+        let s_scale = 2f64.powi(-4 * e);
+        {
+            let w = &mut state.work;
+            w.ay_exponent = e;
+            w.pg.as_mut().submatrix_mut(0, m, b, m).copy_from(&g);
+            for i in 0..m {
+                w.sq_norms[i] = g.col(i).squared_norm_l2();
+                let p = &basis * &coeffs[i] * basis.transpose() * g.col(i).as_mat() * p_scale;
+                w.pg.as_mut().submatrix_mut(0, i, b, 1).copy_from(&p);
+            }
+            w.s = coeffs.iter().fold(Mat::zeros(k, k), |acc, r| acc + r * r) * s_scale;
+        }
+        state.work.ay = Mat::zeros(b, k + 2);
+        state.work.pgy = Mat::zeros(2 * m, k + 2);
+        state.work.right = Mat::zeros(2 * m, k + 2);
+        state.work.by = Mat::zeros(k, k + 2);
+        state.work.sby = Mat::zeros(k, k + 2);
+        state.apply_a(y.as_ref(), true, 1.0);
+        let err = max_rel_err(state.work.ay.as_ref(), (&want * p_scale).as_ref());
+        assert!(err <= 1e-12, "e = {e}: factored A·Y relative error {err:e}");
+    }
+}
+
+/// The pre-scaling exponent: 4^e within a factor 4 of the larger of max |g_i|² and β2·max
+/// diag R_i; 0 for a zero or non-finite scale; clamped to ±40.
+#[test]
+fn ay_exponent_tracks_the_scale() {
+    let k = 2;
+    // Two blocks' R: diagonals 3 and 0.5, 7 and 1.
+    let coeffs = [3.0, 0.1, 0.1, 0.5, 7.0, 0.0, 0.0, 1.0];
+    assert_eq!(ay_exponent(&[1.0, 2.0], &coeffs, k, 1.0), 1); // 7 → 4^1 ≤ 7 < 4^2
+    assert_eq!(ay_exponent(&[1.0, 2.0], &coeffs, k, 0.25), 0); // max(2, 1.75) = 2
+    assert_eq!(ay_exponent(&[1e20, 0.0], &coeffs, k, 1.0), 33); // log4(1e20) = 33.2
+    assert_eq!(ay_exponent(&[1e-20, 0.0], &[0.0; 8], k, 1.0), -34);
+    assert_eq!(ay_exponent(&[0.0, 0.0], &[0.0; 8], k, 1.0), 0);
+    assert_eq!(ay_exponent(&[f64::INFINITY, 1.0], &coeffs, k, 1.0), 0);
+    assert_eq!(ay_exponent(&[1e300, 1.0], &coeffs, k, 1.0), 40);
+    assert!((norm2(&[3e30f32, 4e30]) / 5e30 - 1.0).abs() < 1e-6);
+    assert_eq!(norm2(&[3.0f32, 4.0]), 5.0);
+    assert!(norm2(&[f32::INFINITY, 1.0]).is_infinite());
 }
 
 #[test]
