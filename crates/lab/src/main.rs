@@ -7,6 +7,7 @@ mod compare;
 mod conllu;
 mod fastmath;
 mod mnist;
+mod npy;
 mod optimizers;
 mod replay;
 mod report;

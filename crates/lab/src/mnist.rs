@@ -112,13 +112,24 @@ pub fn load(
 pub fn load_split(dir: &Path, prefix: &str, limit: Option<usize>) -> Result<Split, MnistError> {
     let (img_name, img_bytes) = read_file(dir, &format!("{prefix}-images-idx3-ubyte"))?;
     let (lbl_name, lbl_bytes) = read_file(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
-    let (n_images, pixels) = parse_images(&img_name, &img_bytes)?;
-    let (n_labels, labels) = parse_labels(&lbl_name, &lbl_bytes)?;
+    parse_split((&img_name, &img_bytes), (&lbl_name, &lbl_bytes), limit)
+}
+
+/// One split from the (decompressed) bytes of its image and label files, each given with its
+/// file name for the errors; at most `limit` examples. Separate from the file system so that it
+/// can be fuzzed (`fuzz/fuzz_targets/idx.rs` includes this file).
+pub fn parse_split(
+    (img_name, img_bytes): (&str, &[u8]),
+    (lbl_name, lbl_bytes): (&str, &[u8]),
+    limit: Option<usize>,
+) -> Result<Split, MnistError> {
+    let (n_images, pixels) = parse_images(img_name, img_bytes)?;
+    let (n_labels, labels) = parse_labels(lbl_name, lbl_bytes)?;
     if n_images != n_labels {
         return Err(MnistError::CountMismatch {
-            images: img_name,
+            images: img_name.to_string(),
             n_images,
-            labels: lbl_name,
+            labels: lbl_name.to_string(),
             n_labels,
         });
     }

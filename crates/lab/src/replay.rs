@@ -13,7 +13,7 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
+use npyz::WriterBuilder;
 use precond::block_diag::{BlockAdam, BlockAdamConfig};
 use precond::diagonal::{Diagonal, DiagonalConfig, DiagonalKind};
 use precond::faer::{MatMut, MatRef};
@@ -26,6 +26,8 @@ use precond::{
 };
 use thiserror::Error;
 
+use crate::npy::parse_grads;
+pub use crate::npy::{GradData, Grads, Precision};
 use crate::optimizers::NonFinite;
 
 /// The long help of `precond replay` (used by main.rs).
@@ -287,29 +289,6 @@ pub enum ReplayError {
     Config(PrecondError),
 }
 
-/// The element type of the input file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
-    F32,
-    F64,
-}
-
-/// Gradients read from a file, in C order (T, b, m).
-#[derive(Clone, Debug, PartialEq)]
-pub enum GradData {
-    F32(Vec<f32>),
-    F64(Vec<f64>),
-}
-
-/// A (T, b, m) gradient sequence.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Grads {
-    pub steps: usize,
-    pub rows: usize,
-    pub blocks: usize,
-    pub data: GradData,
-}
-
 /// What a replay did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReplayReport {
@@ -454,105 +433,14 @@ pub fn replay<T: Scalar>(
 /// Reads a (T, b, m) float32/float64 `.npy` (C or Fortran order) into C order, with errors that
 /// name the file.
 pub fn read_grads(path: &Path) -> Result<Grads, ReplayError> {
-    let bad = |msg: String| ReplayError::BadInput {
-        path: path.to_path_buf(),
-        msg,
-    };
     let bytes = std::fs::read(path).map_err(|source| ReplayError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let npy = NpyFile::new(&bytes[..]).map_err(|e| bad(format!("not a valid .npy file: {e}")))?;
-    let header = npy.header().clone();
-    let shape: Vec<u64> = header.shape().to_vec();
-    let [t, b, m] = shape[..] else {
-        return Err(bad(format!(
-            "expected a 3-D array (T, b, m), got shape {shape:?}"
-        )));
-    };
-    if b == 0 || m == 0 {
-        return Err(bad(format!(
-            "b and m must be at least 1, got shape {shape:?}"
-        )));
-    }
-    let precision = match header.dtype() {
-        DType::Plain(ts) if ts.type_char() == TypeChar::Float && ts.size_field() == 4 => {
-            Precision::F32
-        }
-        DType::Plain(ts) if ts.type_char() == TypeChar::Float && ts.size_field() == 8 => {
-            Precision::F64
-        }
-        other => {
-            return Err(bad(format!(
-                "unsupported dtype {}: expected float32 or float64",
-                other.descr()
-            )))
-        }
-    };
-    let item = if precision == Precision::F32 { 4 } else { 8 };
-    let dims = [t, b, m].map(|d| usize::try_from(d).unwrap_or(usize::MAX));
-    let n = dims[0]
-        .checked_mul(dims[1])
-        .and_then(|x| x.checked_mul(dims[2]))
-        .filter(|n| n.checked_mul(item).is_some())
-        .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
-    let order = header.order();
-    let data: &[u8] = npy.into_inner();
-    let want = n * item;
-    if data.len() < want {
-        return Err(bad(format!(
-            "truncated: shape {shape:?} needs {want} data bytes, the file has {}",
-            data.len()
-        )));
-    }
-    if data.len() > want {
-        return Err(bad(format!(
-            "{} unexpected bytes after the data of shape {shape:?}",
-            data.len() - want
-        )));
-    }
-    let [t, b, m] = dims;
-    let read_err = |e: std::io::Error| bad(format!("cannot read the data: {e}"));
-    let data = match precision {
-        Precision::F32 => GradData::F32(to_c_order(
-            NpyFile::with_header(header, data)
-                .into_vec::<f32>()
-                .map_err(read_err)?,
-            order,
-            [t, b, m],
-        )),
-        Precision::F64 => GradData::F64(to_c_order(
-            NpyFile::with_header(header, data)
-                .into_vec::<f64>()
-                .map_err(read_err)?,
-            order,
-            [t, b, m],
-        )),
-    };
-    Ok(Grads {
-        steps: t,
-        rows: b,
-        blocks: m,
-        data,
+    parse_grads(&bytes).map_err(|msg| ReplayError::BadInput {
+        path: path.to_path_buf(),
+        msg,
     })
-}
-
-/// Fortran order stores element (s, r, c) at s + T·(r + b·c); returns C order.
-fn to_c_order<T: Copy>(v: Vec<T>, order: Order, [t, b, m]: [usize; 3]) -> Vec<T> {
-    match order {
-        Order::C => v,
-        Order::Fortran => {
-            let mut out = Vec::with_capacity(v.len());
-            for s in 0..t {
-                for r in 0..b {
-                    for c in 0..m {
-                        out.push(v[s + t * (r + b * c)]);
-                    }
-                }
-            }
-            out
-        }
-    }
 }
 
 /// Writes a float32 C-order `.npy` of `shape`.
@@ -576,7 +464,7 @@ pub fn write_f32(path: &Path, data: &[f32], shape: [usize; 3]) -> Result<(), Rep
 #[cfg(test)]
 mod tests {
     use super::*;
-    use npyz::WriterBuilder;
+    use npyz::{NpyFile, Order};
     use precond::faer::{Mat, Side};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
