@@ -31,5 +31,5 @@ open(f"{corpus}/npy/f.npy", "wb").write(npy('<f8', 'True', '(1, 2, 2)', struct.p
 PY
 for target in idx conllu npy; do
   echo "== $target: ${seconds}s"
-  cargo +nightly fuzz run "$target" "$corpus/$target" -- -max_total_time="$seconds" -rss_limit_mb=2048
+  cargo +nightly fuzz run "$target" "$corpus/$target" -- -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048
 done

@@ -30,6 +30,7 @@ pub struct Grads {
 /// Parses a (T, b, m) float32/float64 `.npy` (C or Fortran order) into C order; the error says
 /// what is wrong (the caller names the file).
 pub fn parse_grads(bytes: &[u8]) -> Result<Grads, String> {
+    check_preamble(bytes)?;
     let npy = NpyFile::new(bytes).map_err(|e| format!("not a valid .npy file: {e}"))?;
     let header = npy.header().clone();
     let shape: Vec<u64> = header.shape().to_vec();
@@ -118,5 +119,108 @@ fn to_c_order<T: Copy>(v: Vec<T>, order: Order, [t, b, m]: [usize; 3]) -> Vec<T>
             }
             out
         }
+    }
+}
+
+/// Checks npyz cannot be made to misbehave, before it parses the file:
+/// - the header-length field (v1: u16 at byte 8; v2, v3: u32) must fit in the file: npyz
+///   allocates that many bytes before reading them, so a 200-byte file claiming a 4 GB header
+///   aborted the process instead of being an error;
+/// - the header may not nest brackets more than [`MAX_HEADER_DEPTH`] deep: npyz's Python-literal
+///   parser backtracks exponentially on nesting, so 40 `{` in a 200-byte header took longer than
+///   10 s (a float array's header is a flat dict holding one shape tuple: depth 2).
+///
+/// Both were found by `fuzz/fuzz_targets/npy.rs`. Other preambles are left to npyz's errors.
+fn check_preamble(bytes: &[u8]) -> Result<(), String> {
+    if !bytes.starts_with(b"\x93NUMPY") || bytes.len() < 8 {
+        return Ok(());
+    }
+    let (len, start) = match bytes[6] {
+        1 if bytes.len() >= 10 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        2 | 3 if bytes.len() >= 12 => {
+            let len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+            (usize::try_from(len).unwrap_or(usize::MAX), 12)
+        }
+        _ => return Ok(()),
+    };
+    let available = bytes.len() - start;
+    if len > available {
+        return Err(format!(
+            "truncated header: it claims {len} bytes, the file has {available} after the preamble"
+        ));
+    }
+    let mut depth = 0usize;
+    for &byte in &bytes[start..start + len] {
+        match byte {
+            b'{' | b'[' | b'(' => {
+                depth += 1;
+                if depth > MAX_HEADER_DEPTH {
+                    return Err(format!(
+                        "header nests brackets more than {MAX_HEADER_DEPTH} deep (a float array's \
+                         header is a flat dict)"
+                    ));
+                }
+            }
+            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The deepest bracket nesting accepted in a header (see [`check_preamble`]).
+const MAX_HEADER_DEPTH: usize = 3;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use npyz::WriterBuilder;
+
+    /// A version-3 preamble claiming a 4,286,251,126-byte header in a 40-byte file (the shape of
+    /// the fuzzer's out-of-memory input): an error, not a 4 GB allocation.
+    #[test]
+    fn header_longer_than_the_file_is_an_error() {
+        let mut bytes = b"\x93NUMPY\x03\x00".to_vec();
+        bytes.extend_from_slice(&0xff7b_0076u32.to_le_bytes());
+        bytes.extend_from_slice(&[b' '; 28]);
+        let err = parse_grads(&bytes).unwrap_err();
+        assert!(
+            err.contains("truncated header") && err.contains("4286251126"),
+            "{err}"
+        );
+        // Version 1: a u16 length.
+        let mut v1 = b"\x93NUMPY\x01\x00".to_vec();
+        v1.extend_from_slice(&500u16.to_le_bytes());
+        v1.extend_from_slice(b"{'descr': '<f4'}");
+        assert!(parse_grads(&v1).unwrap_err().contains("claims 500 bytes"));
+    }
+
+    /// The fuzzer's slow input: 40 nested `{` (npyz's parser took over 10 s); refused at once.
+    #[test]
+    fn deeply_nested_header_is_refused() {
+        let header = format!("{}{}\n", "{".repeat(40), " ".repeat(20));
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        let started = std::time::Instant::now();
+        let err = parse_grads(&bytes).unwrap_err();
+        assert!(err.contains("nests brackets"), "{err}");
+        assert!(started.elapsed().as_secs_f64() < 1.0);
+        // A real header (depth 2) still parses.
+        let shape = [1usize, 2, 2];
+        let mut ok = Vec::new();
+        {
+            let mut w = npyz::WriteOptions::<f32>::new()
+                .default_dtype()
+                .shape(&shape.map(|d| d as u64))
+                .writer(&mut ok)
+                .begin_nd()
+                .unwrap();
+            w.extend([1.0f32, 2.0, 3.0, 4.0]).unwrap();
+            w.finish().unwrap();
+        }
+        let g = parse_grads(&ok).unwrap();
+        assert_eq!((g.steps, g.rows, g.blocks), (1, 2, 2));
+        assert_eq!(g.data, GradData::F32(vec![1.0, 2.0, 3.0, 4.0]));
     }
 }
