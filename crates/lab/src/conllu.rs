@@ -331,7 +331,7 @@ pub fn read(path: &Path) -> Result<Vec<Sentence>, ConlluError> {
 /// [`read`] without the file system: a file's bytes, `path` naming it in errors (what
 /// `fuzz/fuzz_targets/conllu.rs` runs).
 pub fn parse_bytes(bytes: &[u8], path: &Path) -> Result<Vec<Sentence>, ConlluError> {
-    let text = std::str::from_utf8(&bytes).map_err(|error| {
+    let text = std::str::from_utf8(bytes).map_err(|error| {
         let valid = &bytes[..error.valid_up_to()];
         let line_start = valid
             .iter()
