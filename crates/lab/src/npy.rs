@@ -149,8 +149,10 @@ fn check_preamble(bytes: &[u8]) -> Result<(), String> {
             "truncated header: it claims {len} bytes, the file has {available} after the preamble"
         ));
     }
+    let header = &bytes[start..start + len];
+    check_shape_size(header)?;
     let mut depth = 0usize;
-    for &byte in &bytes[start..start + len] {
+    for &byte in header {
         match byte {
             b'{' | b'[' | b'(' => {
                 depth += 1;
@@ -164,6 +166,43 @@ fn check_preamble(bytes: &[u8]) -> Result<(), String> {
             b'}' | b']' | b')' => depth = depth.saturating_sub(1),
             _ => {}
         }
+    }
+    Ok(())
+}
+
+/// The product of the header's `'shape'` must fit in a u64: npyz multiplies the dimensions
+/// unchecked (a panic with overflow checks on, a wrapped element count without; found by
+/// `fuzz/fuzz_targets/npy.rs`). Reads the integers of the tuple after the key as Python writes
+/// them (digits, `_` separators); a header it cannot read this way is left to npyz.
+fn check_shape_size(header: &[u8]) -> Result<(), String> {
+    let text = String::from_utf8_lossy(header);
+    let Some(at) = text.find("'shape'").or_else(|| text.find("\"shape\"")) else {
+        return Ok(());
+    };
+    let rest = text[at + 7..].trim_start();
+    let Some(rest) = rest.strip_prefix(':') else {
+        return Ok(());
+    };
+    let Some(rest) = rest.trim_start().strip_prefix('(') else {
+        return Ok(());
+    };
+    let Some(end) = rest.find(')') else {
+        return Ok(());
+    };
+    let mut product: u64 = 1;
+    for item in rest[..end]
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let digits: String = item.chars().filter(|&c| c != '_').collect();
+        let Ok(dim) = digits.parse::<u128>() else {
+            return Ok(());
+        };
+        product = u64::try_from(dim)
+            .ok()
+            .and_then(|d| product.checked_mul(d))
+            .ok_or_else(|| format!("shape ({}) is too large", &rest[..end]))?;
     }
     Ok(())
 }
@@ -220,6 +259,13 @@ mod tests {
             w.finish().unwrap();
         }
         let g = parse_grads(&ok).unwrap();
+        // The fuzzer's overflowing shape: the product of the dimensions exceeds u64.
+        let header = "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 000861293337929825053, 4444444444444, 2), }\n";
+        let mut big = b"\x93NUMPY\x01\x00".to_vec();
+        big.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        big.extend_from_slice(header.as_bytes());
+        let err = parse_grads(&big).unwrap_err();
+        assert!(err.contains("too large"), "{err}");
         assert_eq!((g.steps, g.rows, g.blocks), (1, 2, 2));
         assert_eq!(g.data, GradData::F32(vec![1.0, 2.0, 3.0, 4.0]));
     }
