@@ -56,9 +56,24 @@ impl Autoencoder {
 
     /// Logits for a batch `[batch, 784]`.
     pub fn forward(&self, input: Tensor<2>) -> Tensor<2> {
+        self.run_layers(input, |_| {})
+    }
+
+    /// The input of every dense layer for a batch `[batch, 784]`: the images themselves, then
+    /// each hidden activation (after its tanh, or the linear code), one `[batch, d_in]` tensor
+    /// per layer in order.
+    pub fn layer_inputs(&self, input: Tensor<2>) -> Vec<Tensor<2>> {
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        self.run_layers(input, |x| inputs.push(x.clone()));
+        inputs
+    }
+
+    /// The layers applied in order, calling `visit` on the input of each; returns the logits.
+    fn run_layers(&self, input: Tensor<2>, mut visit: impl FnMut(&Tensor<2>)) -> Tensor<2> {
         let last = self.layers.len() - 1;
         let mut x = input;
         for (i, layer) in self.layers.iter().enumerate() {
+            visit(&x);
             x = layer.forward(x);
             if i != last && i != CODE_LAYER {
                 x = crate::fastmath::tanh(x);

@@ -477,6 +477,34 @@ impl Tagger {
         dropout: Option<&mut DropoutRng>,
         device: &Device,
     ) -> Tensor<3> {
+        let x = self.encode(batch, dropout, device, |_| {});
+        self.output.forward(self.final_norm.forward(x))
+    }
+
+    /// The residual stream `[n, len, width]` without dropout (evaluation): first the embedding
+    /// stage's output (token embedding + positions, the input of block 0), then the output of
+    /// each encoder block (`layers + 1` tensors; the last one is what `forward` passes to
+    /// `final_norm`). Padding positions are included; a sentence's real rows do not depend on
+    /// the padding (padding keys are masked).
+    ///
+    /// # Panics
+    ///
+    /// If a token id is not below the vocabulary size.
+    pub fn block_outputs(&self, batch: &Batch, device: &Device) -> Vec<Tensor<3>> {
+        let mut outputs = Vec::with_capacity(self.layers.len() + 1);
+        self.encode(batch, None, device, |x| outputs.push(x.clone()));
+        outputs
+    }
+
+    /// The embedding stage and the encoder blocks (everything before `final_norm`), calling
+    /// `visit` on the embedding stage's output and on each block's output, in order.
+    fn encode(
+        &self,
+        batch: &Batch,
+        dropout: Option<&mut DropoutRng>,
+        device: &Device,
+        mut visit: impl FnMut(&Tensor<3>),
+    ) -> Tensor<3> {
         let [vocab, width] = self.embedding.weight.dims();
         if let Some(&t) = batch.tokens.iter().find(|&&t| t < 0 || t as usize >= vocab) {
             panic!("token id {t} is outside the vocabulary of {vocab}");
@@ -495,11 +523,13 @@ impl Tagger {
         );
         // Flax: Dropout(Embed(x)), then AddPositionEmbs.
         let mut x = drop.apply(self.embedding.forward(tokens)) + positions;
+        visit(&x);
         let bias = batch.key_padding_bias(device);
         for layer in &self.layers {
             x = layer.forward(x, bias.clone(), self.heads, &mut drop);
+            visit(&x);
         }
-        self.output.forward(self.final_norm.forward(x))
+        x
     }
 
     /// The parameters as f32 vectors in a fixed order (the field order): embedding; per layer

@@ -161,7 +161,9 @@ pub struct ModelArgs {
     pub seed: u64,
 }
 
-/// A model at fixed parameters θ with its task (data, loss).
+/// A model at fixed parameters θ with its task (data, loss). One value per command: the size
+/// difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Loaded {
     Autoencoder {
         work: AutoencoderTask,
