@@ -474,7 +474,7 @@ impl PlotSpec<'_> {
 }
 
 /// Distinct line colors (the Tableau 10 palette), cycled.
-const COLORS: [RGBColor; 10] = [
+pub(crate) const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),

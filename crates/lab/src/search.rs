@@ -1221,7 +1221,13 @@ fn inspect(
 }
 
 /// The paths where `a` and `b` differ, as `path: a vs b`.
-fn diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+/// The differences between two JSON values as `path: a vs b` lines (keys joined by `.`).
+pub(crate) fn diff(
+    path: &str,
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
     use serde_json::Value as J;
     match (a, b) {
         (J::Object(x), J::Object(y)) => {
@@ -1245,7 +1251,8 @@ fn diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<
     }
 }
 
-fn read_json(path: &Path) -> Option<serde_json::Value> {
+/// A JSON file, or `None` when it is missing or unreadable.
+pub(crate) fn read_json(path: &Path) -> Option<serde_json::Value> {
     let bytes = fs::read(path).ok()?;
     serde_json::from_slice(&bytes).ok()
 }

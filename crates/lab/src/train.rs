@@ -958,14 +958,7 @@ fn resume(
     settings: &TrainSettings,
     tagger: Option<&TaggerSettings>,
 ) -> Result<(TrainConfig, Checkpoint), TrainError> {
-    let path = dir.join(CHECKPOINT);
-    if !path.is_file() {
-        return Err(TrainError::Checkpoint {
-            path,
-            msg: "not found (is this a run directory?)".into(),
-        });
-    }
-    let (progress, model_bytes, optim_bytes) = read_checkpoint(&path)?;
+    let (progress, model_bytes, optim_bytes) = read_run_checkpoint(dir)?;
     let saved = progress.config.clone();
     match (tagger.is_some(), saved.tagger.is_some()) {
         (true, false) => {
@@ -1387,6 +1380,12 @@ fn write_checkpoint<M: Module>(
 /// The config and model record (burnpack bytes of `ModuleRecord`) of the run in `dir`, from its
 /// checkpoint: what `precond analyze --run DIR` studies.
 pub fn load_run(dir: &Path) -> Result<(TrainConfig, Vec<u8>), TrainError> {
+    let (progress, model, _) = read_run_checkpoint(dir)?;
+    Ok((progress.config, model))
+}
+
+/// The checkpoint of the run directory `dir`, or an error saying there is none.
+fn read_run_checkpoint(dir: &Path) -> Result<(Progress, Vec<u8>, Vec<u8>), TrainError> {
     let path = dir.join(CHECKPOINT);
     if !path.is_file() {
         return Err(TrainError::Checkpoint {
@@ -1394,8 +1393,7 @@ pub fn load_run(dir: &Path) -> Result<(TrainConfig, Vec<u8>), TrainError> {
             msg: "not found (is this a run directory?)".into(),
         });
     }
-    let (progress, model, _) = read_checkpoint(&path)?;
-    Ok((progress.config, model))
+    read_checkpoint(&path)
 }
 
 fn read_checkpoint(path: &Path) -> Result<(Progress, Vec<u8>, Vec<u8>), TrainError> {

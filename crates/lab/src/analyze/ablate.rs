@@ -26,7 +26,6 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -35,6 +34,7 @@ use serde_json::{json, Value};
 use super::plot::{self, LinePlot, Series};
 use super::{create_dir, write_csv, write_json, AnalyzeError};
 use crate::optimizers::LibraryHparams;
+use crate::search::{diff, read_json};
 use crate::train::{self, TrainArgs, TrainConfig, TrainError, TrainSettings, CHECKPOINT};
 
 /// The optimizer every run uses.
@@ -451,7 +451,9 @@ fn inspect(run: &Run) -> Result<Found, AnalyzeError> {
         let want = serde_json::to_value(&run.train_config)
             .map_err(|e| AnalyzeError::Invalid(format!("{}: {e}", dir.display())))?;
         let mut diffs = Vec::new();
-        config_diffs("", recorded, &want, &mut diffs);
+        diff("", recorded, &want, &mut diffs);
+        // The data folder may move between invocations.
+        diffs.retain(|d| !d.starts_with("data: "));
         if diffs.is_empty() {
             return Ok(());
         }
@@ -488,39 +490,6 @@ fn inspect(run: &Run) -> Result<Found, AnalyzeError> {
             Ok(Found::Partial)
         }
     }
-}
-
-/// The paths where the recorded config `have` and the planned `want` differ, as
-/// `path: have vs want`; the data directory (top-level `data`) may move.
-fn config_diffs(path: &str, have: &Value, want: &Value, out: &mut Vec<String>) {
-    match (have, want) {
-        (Value::Object(h), Value::Object(w)) => {
-            let keys: BTreeSet<&String> = h.keys().chain(w.keys()).collect();
-            for key in keys {
-                if path.is_empty() && key == "data" {
-                    continue;
-                }
-                let sub = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
-                let null = Value::Null;
-                config_diffs(
-                    &sub,
-                    h.get(key).unwrap_or(&null),
-                    w.get(key).unwrap_or(&null),
-                    out,
-                );
-            }
-        }
-        _ if have != want => out.push(format!("{path}: {have} vs {want}")),
-        _ => {}
-    }
-}
-
-fn read_json(path: &Path) -> Option<Value> {
-    serde_json::from_slice(&fs::read(path).ok()?).ok()
 }
 
 /// Trains (or resumes) one configuration; a divergence is recorded in `failed.json`.
@@ -853,6 +822,7 @@ mod tests {
     use super::super::test_support::mnist_dir;
     use super::*;
     use crate::autoencoder::WIDTHS;
+    use std::fs;
 
     fn quick(tmp: &Path, out: &Path) -> AblateArgs {
         AblateArgs {

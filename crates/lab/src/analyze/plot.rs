@@ -9,7 +9,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::AnalyzeError;
-use crate::report::{register_font, FONT};
+use crate::report::{register_font, COLORS, FONT};
 
 /// Pixel size of a line plot.
 const LINE_SIZE: (u32, u32) = (1000, 640);
@@ -59,20 +59,6 @@ pub struct Heatmap<'a> {
     pub cols: usize,
     pub values: &'a [f64],
 }
-
-/// Distinct line colors (the Tableau 10 palette), cycled.
-const COLORS: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
 
 fn plot_err(path: &Path) -> impl Fn(String) -> AnalyzeError + '_ {
     move |msg| AnalyzeError::Plot {
