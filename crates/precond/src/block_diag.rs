@@ -13,6 +13,11 @@
 //! 4. u = −(V̂ + ε I)^{−1/2} m̂, by the eigendecomposition V = Q diag(λ) Qᵀ:
 //!    u = −Q diag((max(λ, 0)/(1 − β2ᵗ) + ε)^{−1/2}) Qᵀ m̂. Negative eigenvalues can only come
 //!    from round-off (V is a sum of outer products) and are clamped to 0 before adding ε.
+//!    The denominator is kept at or above the eigensolver's rounding floor
+//!    δ = n·u·λ_max/(1 − β2ᵗ) ([`SymEig::rounding_floor`]): m̂ lies in V's range, so its
+//!    components along eigenvalues below δ are round-off, which a tiny ε (ε ≪ δ, e.g. at
+//!    gradients of 1e30 or while V is rank deficient) would otherwise amplify by ε^{−1/2}
+//!    instead of δ^{−1/2}. With ε ≥ δ (the presets at ordinary scales) nothing changes.
 //!
 //! With s = 1 this is Adam with ε inside the square root, u = −m̂ / √(v̂ + ε); with s = b,
 //! β1 = 0 and β2 = 1 it is full-matrix Adagrad on every column.
@@ -406,11 +411,16 @@ enum Chunk {
     Refused,
 }
 
-/// u = −Q diag((max(λ, 0)/corr + ε)^{−1/2}) Qᵀ m̂ from the decomposition in `sc.eig`
-/// (eigenvalues taken as 0 when corr = 0, i.e. V̂ = 0).
+/// u = −Q diag(max(max(λ, 0)/corr + ε, δ)^{−1/2}) Qᵀ m̂ from the decomposition in `sc.eig`
+/// (eigenvalues taken as 0 when corr = 0, i.e. V̂ = 0; δ the rounding floor over corr).
 fn apply_root<T: Scalar>(sc: &mut ChunkScratch<T>, correction: T, eps: T, out: &mut [T]) {
     let s = sc.grad.len();
     let q = &sc.eig.vectors;
+    let floor = if correction > T::zero() {
+        sc.eig.rounding_floor() / correction
+    } else {
+        T::zero()
+    };
     for j in 0..s {
         let proj = (0..s).fold(T::zero(), |acc, r| acc + q[(r, j)] * sc.moment[r]);
         let lambda = sc.eig.value(j);
@@ -419,7 +429,7 @@ fn apply_root<T: Scalar>(sc: &mut ChunkScratch<T>, correction: T, eps: T, out: &
         } else {
             T::zero()
         };
-        sc.coef[j] = proj / (lambda + eps).sqrt();
+        sc.coef[j] = proj / (lambda + eps).max(floor).sqrt();
     }
     // u = −Q coef.
     for (r, u) in out.iter_mut().enumerate() {

@@ -10,7 +10,10 @@
 //! 2. u = −(H + εI)^{−1/2} g, by the eigendecomposition H = Q diag(λ) Qᵀ
 //!    ([`crate::linalg::SymEig`]): u = −Q diag((max(λ, 0) + ε)^{−1/2}) Qᵀ g. Negative
 //!    eigenvalues can only come from round-off (H is a sum of outer products) and are clamped to
-//!    0 before adding ε.
+//!    0 before adding ε. The denominator is kept at or above the eigensolver's rounding floor
+//!    δ = n·u·λ_max ([`SymEig::rounding_floor`]): g lies in H's range, so its components along
+//!    eigenvalues below δ are round-off, which ε ≪ δ (rank-deficient H, huge gradients) would
+//!    otherwise amplify by ε^{−1/2}; ε ≥ δ leaves the direction bitwise unchanged.
 //!
 //! With m = 1 this is the block-diagonal (per-column) full-matrix Adagrad of that column; with
 //! m > 1 it also couples the columns, which the block methods of this crate do not.
@@ -258,7 +261,7 @@ impl<T: Scalar> Preconditioner<T> for FullMatrix<T> {
             }
         }
 
-        // Step 2: u = −Q diag((max(λ, 0) + ε)^{−1/2}) Qᵀ g.
+        // Step 2: u = −Q diag(max(max(λ, 0) + ε, δ)^{−1/2}) Qᵀ g.
         let eig = w.eig.as_mut().expect("workspace ensured");
         if !eig.compute(MatRef::from_column_major_slice(&w.new_stat, n, n)) {
             return Err(self.linalg_error("full-matrix eigendecomposition"));
@@ -271,9 +274,10 @@ impl<T: Scalar> Preconditioner<T> for FullMatrix<T> {
             T::one(),
             Par::Seq,
         );
+        let floor = eig.rounding_floor();
         for k in 0..n {
             let lambda = eig.value(k).max(T::zero());
-            w.coef[(k, 0)] /= (lambda + eps).sqrt();
+            w.coef[(k, 0)] /= (lambda + eps).max(floor).sqrt();
         }
         gemm(
             w.dir.as_mut(),

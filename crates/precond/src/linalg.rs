@@ -319,6 +319,22 @@ impl<T: Scalar> SymEig<T> {
     pub fn value(&self, j: usize) -> T {
         self.values.column_vector()[j]
     }
+
+    /// The rounding floor of the last decomposition: n·u·max_j |λ_j| (u the unit round-off of
+    /// `T`). A backward-stable eigensolver returns the eigenvalues of A + E with
+    /// ‖E‖₂ = O(n·u·‖A‖₂), so eigenvalues below this floor carry no information, and the
+    /// components of a vector along their eigenvectors are round-off when the vector lies in
+    /// A's range. Inverse roots `(λ + ε)^{−1/p}` use `max(λ + ε, floor)` so that such round-off
+    /// is never amplified by more than floor^{−1/p} when ε is far below it (ε ≥ floor leaves
+    /// the result bitwise unchanged).
+    pub fn rounding_floor(&self) -> T {
+        let largest = self
+            .values
+            .column_vector()
+            .iter()
+            .fold(T::zero(), |acc, v| acc.max(v.abs()));
+        T::of(self.n as f64) * T::epsilon() * largest
+    }
 }
 
 /// Symmetric eigendecomposition of a small matrix, allocating (for tests and cold paths).
