@@ -40,7 +40,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::plot::{self, Heatmap};
+use super::plot::{self, ColorScale, Heatmap};
 use super::{create_dir, io_err, write_csv, write_json, AnalyzeError, Layer, Loaded, ModelArgs};
 
 /// `precond analyze blocks` arguments.
@@ -78,6 +78,20 @@ pub struct BlocksArgs {
     /// index order (the window is an (I·O) × (I·O) part of H)
     #[arg(long, value_name = "O", default_value_t = 8)]
     pub outputs: usize,
+    /// Color scale of the heatmaps: |H| relative to each panel's largest magnitude, linear
+    /// from 0, or logarithmic over --decades decades
+    #[arg(long, value_enum, default_value_t = Scale::Linear)]
+    pub color_scale: Scale,
+    /// Decades of magnitude a log color scale shows below the largest |H| (smaller is white)
+    #[arg(long, value_name = "D", default_value_t = 2.0)]
+    pub decades: f64,
+}
+
+/// The heatmaps' color scale on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scale {
+    Linear,
+    Log,
 }
 
 /// Blocks of each grouping whose Grams are kept to check Lemma 1 on all pairs among them
@@ -432,6 +446,7 @@ struct Settings {
     batch_size: usize,
     inputs: usize,
     outputs: usize,
+    color_scale: ColorScale,
 }
 
 impl Settings {
@@ -441,6 +456,12 @@ impl Settings {
             batch_size: args.batch_size.unwrap_or(if args.quick { 32 } else { 100 }),
             inputs: args.inputs,
             outputs: args.outputs,
+            color_scale: match args.color_scale {
+                Scale::Linear => ColorScale::Linear,
+                Scale::Log => ColorScale::Log {
+                    decades: args.decades,
+                },
+            },
         };
         let bad = |msg: &str| Err(AnalyzeError::Invalid(format!("analyze blocks: {msg}")));
         if s.batches == 0 {
@@ -451,6 +472,9 @@ impl Settings {
         }
         if s.inputs == 0 || s.outputs == 0 {
             return bad("--inputs and --outputs must be at least 1");
+        }
+        if !(args.decades.is_finite() && args.decades > 0.0) {
+            return bad("--decades must be finite and > 0");
         }
         Ok(s)
     }
@@ -581,9 +605,10 @@ fn analyze_layer(
     plot::heatmaps(
         &out.join(&figure),
         &format!(
-            "{}: |H| of {i_len} inputs × {o_len} outputs, N = {}",
+            "{}: |H| of {i_len} inputs × {o_len} outputs, N = {} ({})",
             layer.name,
-            samples.len()
+            samples.len(),
+            settings.color_scale.describe()
         ),
         &[
             Heatmap {
@@ -599,6 +624,7 @@ fn analyze_layer(
                 values: &out_values,
             },
         ],
+        settings.color_scale,
     )?;
 
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -818,6 +844,7 @@ pub fn run(args: &BlocksArgs, stop: &AtomicBool) -> Result<(), AnalyzeError> {
             "batches": settings.batches,
             "batch_size": batch_size,
             "window_selection": WINDOW_SELECTION,
+            "color_scale": settings.color_scale.describe(),
             "pair_tolerance": PAIR_TOLERANCE,
             "sampled_blocks": SAMPLED_BLOCKS,
             "layers": entries,
@@ -1088,6 +1115,8 @@ mod tests {
             batch_size: None,
             inputs: 16,
             outputs: 8,
+            color_scale: Scale::Linear,
+            decades: 2.0,
         }
     }
 
@@ -1109,6 +1138,11 @@ mod tests {
             },
             BlocksArgs {
                 inputs: 0,
+                ..args.clone()
+            },
+            BlocksArgs {
+                color_scale: Scale::Log,
+                decades: 0.0,
                 ..args.clone()
             },
         ] {

@@ -245,21 +245,46 @@ fn ramp(t: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
-/// Decades of magnitude a heatmap shows: |v| below max·10^-DECADES is white.
-pub const HEATMAP_DECADES: f64 = 4.0;
+/// How a heatmap maps |value| to a shade in [0, 1], relative to the panel's largest magnitude.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ColorScale {
+    /// |v| / max: white at 0, darkest at the largest magnitude.
+    Linear,
+    /// log10(|v| / max) over this many decades: |v| ≤ max·10^-decades is white.
+    Log { decades: f64 },
+}
 
-/// The shade of |v| relative to `max`, on a log scale over [`HEATMAP_DECADES`].
-pub fn shade(v: f64, max: f64) -> f64 {
+impl ColorScale {
+    /// The scale in words, for titles and JSON.
+    pub fn describe(self) -> String {
+        match self {
+            ColorScale::Linear => "linear color scale from 0".to_string(),
+            ColorScale::Log { decades } => format!("log color scale over {decades} decades"),
+        }
+    }
+}
+
+/// The shade of |v| relative to `max` on `scale` (0: white, also for zero, non-finite or a
+/// non-positive `max`).
+pub fn shade(v: f64, max: f64, scale: ColorScale) -> f64 {
     if max <= 0.0 || !v.is_finite() || v == 0.0 {
         return 0.0;
     }
-    ((v.abs() / max).log10() / HEATMAP_DECADES + 1.0).clamp(0.0, 1.0)
+    let ratio = v.abs() / max;
+    match scale {
+        ColorScale::Linear => ratio.clamp(0.0, 1.0),
+        ColorScale::Log { decades } => (ratio.log10() / decades + 1.0).clamp(0.0, 1.0),
+    }
 }
 
-/// Draws the panels side by side into `<stem>.png` and `<stem>.svg`: |value| on a log color
-/// scale over [`HEATMAP_DECADES`] decades below each panel's largest magnitude (white: zero or
-/// smaller). Row 0 is at the top.
-pub fn heatmaps(stem: &Path, title: &str, panels: &[Heatmap]) -> Result<(), AnalyzeError> {
+/// Draws the panels side by side into `<stem>.png` and `<stem>.svg`: |value| on `scale`
+/// relative to each panel's largest magnitude (white: zero). Row 0 is at the top.
+pub fn heatmaps(
+    stem: &Path,
+    title: &str,
+    panels: &[Heatmap],
+    scale: ColorScale,
+) -> Result<(), AnalyzeError> {
     register_font();
     for p in panels {
         if p.values.len() != p.rows * p.cols {
@@ -278,6 +303,7 @@ pub fn heatmaps(stem: &Path, title: &str, panels: &[Heatmap]) -> Result<(), Anal
         BitMapBackend::new(&png, size).into_drawing_area(),
         title,
         panels,
+        scale,
     )
     .map_err(plot_err(&png))?;
     let svg = with_ext(stem, "svg");
@@ -285,6 +311,7 @@ pub fn heatmaps(stem: &Path, title: &str, panels: &[Heatmap]) -> Result<(), Anal
         SVGBackend::new(&svg, size).into_drawing_area(),
         title,
         panels,
+        scale,
     )
     .map_err(plot_err(&svg))
 }
@@ -293,6 +320,7 @@ fn draw_heatmaps<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     title: &str,
     panels: &[Heatmap],
+    scale: ColorScale,
 ) -> Result<(), String> {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     root.fill(&WHITE).map_err(err)?;
@@ -316,7 +344,7 @@ fn draw_heatmaps<DB: DrawingBackend>(
         chart
             .draw_series((0..p.rows).flat_map(|r| {
                 (0..p.cols).map(move |c| {
-                    let color = ramp(shade(p.values[r * p.cols + c], max));
+                    let color = ramp(shade(p.values[r * p.cols + c], max, scale));
                     Rectangle::new([(c, r), (c + 1, r + 1)], color.filled())
                 })
             }))
@@ -330,13 +358,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shade_is_a_log_scale_over_the_decades() {
-        assert_eq!(shade(2.0, 2.0), 1.0);
-        assert_eq!(shade(-2.0, 2.0), 1.0);
-        assert!((shade(0.02, 2.0) - 0.5).abs() < 1e-12);
-        assert_eq!(shade(2e-5, 2.0), 0.0);
-        assert_eq!(shade(0.0, 2.0), 0.0);
-        assert_eq!(shade(1.0, 0.0), 0.0);
+    fn shade_on_log_and_linear_scales() {
+        let log = ColorScale::Log { decades: 4.0 };
+        assert_eq!(shade(2.0, 2.0, log), 1.0);
+        assert_eq!(shade(-2.0, 2.0, log), 1.0);
+        assert!((shade(0.02, 2.0, log) - 0.5).abs() < 1e-12);
+        assert_eq!(shade(2e-5, 2.0, log), 0.0);
+        assert_eq!(shade(0.0, 2.0, log), 0.0);
+        assert_eq!(shade(1.0, 0.0, log), 0.0);
+        let two = ColorScale::Log { decades: 2.0 };
+        assert!((shade(0.2, 2.0, two) - 0.5).abs() < 1e-12);
+        let lin = ColorScale::Linear;
+        assert_eq!(shade(-2.0, 2.0, lin), 1.0);
+        assert_eq!(shade(0.5, 2.0, lin), 0.25);
+        assert_eq!(shade(0.0, 2.0, lin), 0.0);
+        assert_eq!(shade(f64::NAN, 2.0, lin), 0.0);
+        assert_eq!(shade(1.0, -1.0, lin), 0.0);
         assert_eq!(ramp(0.0), RGBColor(255, 255, 255));
         assert_eq!(ramp(1.0), RGBColor(8, 48, 107));
     }
@@ -373,11 +410,17 @@ mod tests {
             values: &values,
         };
         let stem = tmp.path().join("heat");
-        heatmaps(&stem, "two", &[panel.clone(), panel.clone()]).unwrap();
+        heatmaps(
+            &stem,
+            "two",
+            &[panel.clone(), panel.clone()],
+            ColorScale::Linear,
+        )
+        .unwrap();
         let svg = std::fs::read_to_string(with_ext(&stem, "svg")).unwrap();
         // 2 panels × 12 cells (the zero cell is drawn white too).
         assert!(svg.matches("<rect").count() >= 24, "{svg}");
         let bad = Heatmap { rows: 5, ..panel };
-        assert!(heatmaps(&stem, "bad", &[bad]).is_err());
+        assert!(heatmaps(&stem, "bad", &[bad], ColorScale::Linear).is_err());
     }
 }
