@@ -1467,7 +1467,7 @@ fn utc_stamp(secs: u64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::autoencoder::{sigmoid_cross_entropy, Autoencoder};
     use crate::mnist;
@@ -1706,7 +1706,8 @@ mod tests {
         (train, eval)
     }
 
-    fn tagger_args(tmp: &Path, out: &str, optimizer: &str, epochs: usize) -> TrainArgs {
+    /// A small tagger (1 layer, width 16) on [`treebank`] in `tmp`, run directory `tmp/out`.
+    pub(crate) fn tagger_args(tmp: &Path, out: &str, optimizer: &str, epochs: usize) -> TrainArgs {
         let (train, eval) = treebank(tmp, 96, 3);
         TrainArgs {
             settings: TrainSettings {

@@ -1419,6 +1419,67 @@ mod tests {
         }
     }
 
+    /// The tagger path: a tagger trained for one epoch on train.rs's synthetic treebank, loaded
+    /// with --run. Every dense layer of it (query, key, value, attention output, MLP in and out,
+    /// output; all seven named, since --quick alone takes the first and the last) gets rows, and
+    /// per block the independent rank-k approximation is the best one, so
+    /// its error is at most the shared bases' (offline and online) on every layer and k.
+    #[test]
+    fn quick_on_a_tagger_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let train_args = crate::train::tests::tagger_args(tmp.path(), "tagger", "adam", 1);
+        crate::train::run(&train_args, &AtomicBool::new(false)).unwrap();
+        let out = tmp.path().join("sharing");
+        let mut layers: Vec<String> = ["query", "key", "value", "attn_out", "mlp_in", "mlp_out"]
+            .iter()
+            .map(|n| format!("layers.0.{n}.weight"))
+            .collect();
+        layers.push("output.weight".into());
+        let args = SharingArgs {
+            model: ModelArgs {
+                run: Some(tmp.path().join("tagger")),
+                ..Default::default()
+            },
+            ranks: vec![2, 4, 8],
+            layers: layers.clone(),
+            ..quick_args(out.clone(), PathBuf::new())
+        };
+        run(&args, &AtomicBool::new(false)).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("sharing.json")).unwrap())
+                .unwrap();
+        assert_eq!(json["task"], "tagger");
+        let names: Vec<&str> = json["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, layers);
+        let csv = std::fs::read_to_string(out.join("sharing.csv")).unwrap();
+        let error = |method: &str, layer: &str, k: usize| -> f64 {
+            csv.lines()
+                .map(|l| l.split(',').collect::<Vec<_>>())
+                .find(|r| r[0] == method && r[1] == layer && r[2] == k.to_string())
+                .unwrap_or_else(|| panic!("no row {method},{layer},{k}"))[3]
+                .parse()
+                .unwrap()
+        };
+        for layer in &names {
+            for k in [2, 4, 8] {
+                let independent = error("independent", layer, k);
+                assert!((0.0..=1.0).contains(&independent), "{layer} {k}");
+                for shared in ["shared-offline", "shared-online"] {
+                    let e = error(shared, layer, k);
+                    assert!(
+                        independent <= e * (1.0 + 1e-9) + 1e-12,
+                        "{layer} k {k}: independent {independent} > {shared} {e}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn quick_end_to_end_on_the_autoencoder() {
         let tmp = tempfile::tempdir().unwrap();
