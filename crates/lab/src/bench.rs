@@ -2,7 +2,9 @@
 //! ratios between optimizers compare like with like.
 //!
 //! `step` times the whole autoencoder training step (forward+backward and optimizer step,
-//! separately) for several optimizers at their presets. `optim` times one optimizer step of
+//! separately) for several optimizers at their presets, and for shared-basis the time of its
+//! step's m k×k block eigendecompositions alone ([`EigProblems`]): the part of its step that
+//! no GEMM tuning removes. `optim` times one optimizer step of
 //! one layer (the library's `ParamOptimizer`: preconditioner, grafting, momentum) at the
 //! autoencoder's and the Transformer tagger's layer shapes, plus scaling curves against the
 //! paper's Table 1 complexities.
@@ -19,12 +21,14 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::{Args, Subcommand};
 use plotters::prelude::*;
+use precond::linalg::SymEig;
 use precond::{
     diagonal::DiagonalConfig, GraftConfig, GraftKind, Method, MomentumConfig, OptimizerConfig,
     ParamOptimizer, PrecondError,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::Serialize;
 use thiserror::Error;
 
@@ -37,7 +41,8 @@ use burn::module::Module;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchTask {
-    /// Whole autoencoder training step (forward+backward and optimizer step) per optimizer
+    /// Whole autoencoder training step (forward+backward and optimizer step) per optimizer; for
+    /// shared-basis also its block eigendecompositions alone (the step's floor)
     Step(StepArgs),
     /// One optimizer step of one layer, per method, layer shape and rank, with scaling curves
     Optim(OptimArgs),
@@ -114,6 +119,14 @@ pub struct StepResult {
     pub median_opt_step_s: f64,
     pub mean_opt_step_s: f64,
     pub optimizer_state_bytes: u64,
+    /// shared-basis only: the median time of its step's block eigendecompositions alone
+    /// ([`eig_floor`]), measured right after its timed steps on the same threads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eig_floor_s: Option<f64>,
+    /// shared-basis only: how many k×k eigendecompositions one step makes (one per output
+    /// neuron of every weight).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eig_count: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -213,6 +226,13 @@ pub fn step(args: &StepArgs) -> Result<StepReport, BenchError> {
             }
         }
         let total: Vec<f64> = fwd_bwd.iter().zip(&opt).map(|(a, b)| a + b).collect();
+        let floor = match (name.as_str(), h.library.as_ref().and_then(|l| l.rank)) {
+            ("shared-basis", Some(rank)) => {
+                let problems = EigProblems::autoencoder(rank, args.seed);
+                Some((problems.count(), problems.median_time(steps)?))
+            }
+            _ => None,
+        };
         let result = StepResult {
             optimizer: name.clone(),
             steps,
@@ -221,6 +241,8 @@ pub fn step(args: &StepArgs) -> Result<StepReport, BenchError> {
             median_opt_step_s: median(&opt),
             mean_opt_step_s: mean(&opt),
             optimizer_state_bytes: built.state_bytes(model.num_params()),
+            eig_floor_s: floor.map(|(_, t)| t),
+            eig_count: floor.map(|(n, _)| n),
         };
         eprintln!(
             "{name}: step {:.1} ms (fwd+bwd {:.1} ms, opt median {:.1} ms, mean {:.1} ms)",
@@ -272,7 +294,108 @@ pub fn step_table(report: &StepReport) -> String {
             r.optimizer_state_bytes as f64 / 1e6
         );
     }
+    for r in &report.results {
+        if let (Some(floor), Some(count)) = (r.eig_floor_s, r.eig_count) {
+            let _ = write!(
+                out,
+                "\n{}: its {count} block eigendecompositions alone take {:.1} ms, {:.2} of its \
+                 optimizer step and {:.2} of the forward+backward\n",
+                r.optimizer,
+                floor * 1e3,
+                floor / r.median_opt_step_s,
+                floor / r.median_fwd_bwd_s
+            );
+        }
+    }
     out
+}
+
+/// The eigenproblems of one shared-basis step on the autoencoder: per weight (b, m), m
+/// symmetric k×k matrices with k = min(rank, b), the size of each block's R̃_i (NOTES §2 step
+/// 4). They are Gram matrices G Gᵀ of k×(k+1) matrices G with uniform entries in [−1, 1] whose
+/// column j is scaled by 0.7^j, so that their eigenvalues spread over many decades as R̃_i's do.
+pub struct EigProblems {
+    /// Per weight: k and its m matrices, column-major, one after another.
+    layers: Vec<(usize, Vec<f32>)>,
+}
+
+impl EigProblems {
+    /// The autoencoder's problems at shared-basis rank `rank`.
+    pub fn autoencoder(rank: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xe16e);
+        let layers = WIDTHS
+            .windows(2)
+            .map(|w| {
+                let (b, m) = (w[0], w[1]);
+                let k = rank.min(b).max(1);
+                let mut data = Vec::with_capacity(m * k * k);
+                for _ in 0..m {
+                    let g: Vec<f64> = (0..k * (k + 1))
+                        .map(|i| rng.random_range(-1.0..1.0) * 0.7f64.powi((i / k) as i32))
+                        .collect();
+                    // Column-major G (k × (k+1)); A = G Gᵀ.
+                    for c in 0..k {
+                        for r in 0..k {
+                            let dot: f64 = (0..=k).map(|j| g[j * k + r] * g[j * k + c]).sum();
+                            data.push(dot as f32);
+                        }
+                    }
+                }
+                (k, data)
+            })
+            .collect();
+        Self { layers }
+    }
+
+    /// How many eigendecompositions one step makes.
+    pub fn count(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, data)| data.len() / (k * k))
+            .sum()
+    }
+
+    /// One step's eigendecompositions, layer after layer, each layer's split over the rayon
+    /// threads in chunks as the optimizer's block pass splits its blocks, with the optimizer's
+    /// own kernel ([`SymEig`], f32). Returns the sum of the smallest eigenvalues (to keep the
+    /// work observable).
+    pub fn solve_once(&self) -> Result<f64, BenchError> {
+        let threads = rayon::current_num_threads().max(1);
+        let mut total = 0.0;
+        for (k, data) in &self.layers {
+            let (k, kk) = (*k, k * k);
+            let m = data.len() / kk;
+            let chunk = m.div_ceil(threads * 4).max(8);
+            total += data
+                .par_chunks(chunk * kk)
+                .map(|mats| {
+                    let mut eig = SymEig::<f32>::new(k);
+                    let mut sum = 0.0;
+                    for a in mats.chunks_exact(kk) {
+                        eig.decompose(faer::MatRef::from_column_major_slice(a, k, k))
+                            .map_err(|e| {
+                                BenchError::Invalid(format!("eigendecomposition failed: {e:?}"))
+                            })?;
+                        sum += f64::from(eig.value(0));
+                    }
+                    Ok::<f64, BenchError>(sum)
+                })
+                .try_reduce(|| 0.0, |a, b| Ok(a + b))?;
+        }
+        Ok(total)
+    }
+
+    /// Median wall time of [`solve_once`](Self::solve_once) over `reps` runs after one warm-up.
+    pub fn median_time(&self, reps: usize) -> Result<f64, BenchError> {
+        self.solve_once()?;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps.max(1) {
+            let t = Instant::now();
+            std::hint::black_box(self.solve_once()?);
+            times.push(t.elapsed().as_secs_f64());
+        }
+        Ok(median(&times))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -725,6 +848,10 @@ mod tests {
             floats += b * k + m * k * k + m + 2 * b * m + 2 * m;
         }
         assert_eq!(report.results[1].optimizer_state_bytes, floats as u64 * 4);
+        // The eigendecomposition floor is measured for ours only.
+        assert_eq!(report.results[0].eig_count, None);
+        assert_eq!(report.results[1].eig_count, Some(4314));
+        assert!(report.results[1].eig_floor_s.unwrap() > 0.0);
         let json: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.path().join("sub/step.json")).unwrap(),
         )
@@ -766,6 +893,8 @@ mod tests {
             median_opt_step_s: opt,
             mean_opt_step_s: opt,
             optimizer_state_bytes: 2_000_000,
+            eig_floor_s: (name == "shared-basis").then_some(0.025),
+            eig_count: (name == "shared-basis").then_some(4314),
         };
         let report = StepReport {
             machine: Machine {
@@ -782,6 +911,46 @@ mod tests {
             table.contains("| shared-basis | 300.0 | 200.0 | 100.0 | 100.0 | 0.50 | 1.43 | 2.00 |"),
             "{table}"
         );
+        // 25 ms of eigendecompositions: a quarter of the 100 ms step, an eighth of fwd+bwd.
+        assert!(
+            table.contains(
+                "shared-basis: its 4314 block eigendecompositions alone take 25.0 ms, 0.25 of \
+                 its optimizer step and 0.12 of the forward+backward"
+            ),
+            "{table}"
+        );
+        assert_eq!(table.matches("eigendecompositions").count(), 1, "{table}");
+    }
+
+    #[test]
+    fn eig_problems_are_the_steps() {
+        // One per output neuron of every weight; k = min(32, d_in): the 30 → 250 layer has k 30.
+        let problems = EigProblems::autoencoder(32, 0);
+        assert_eq!(problems.count(), 4314);
+        let sizes: Vec<usize> = problems.layers.iter().map(|(k, _)| *k).collect();
+        assert_eq!(sizes, [32, 32, 32, 32, 30, 32, 32, 32]);
+        // Symmetric, positive semidefinite up to f32 rounding, eigenvalues over many decades
+        // (f64 reference).
+        let (k, data) = &problems.layers[0];
+        let a = faer::Mat::<f64>::from_fn(*k, *k, |r, c| f64::from(data[c * k + r]));
+        for r in 0..*k {
+            for c in 0..*k {
+                assert_eq!(a[(r, c)], a[(c, r)]);
+            }
+        }
+        let values = a.self_adjoint_eigenvalues(faer::Side::Lower).unwrap();
+        assert!(values[0] >= -1e-7 * values[k - 1], "{values:?}");
+        assert!(values[k - 1] / values[k / 4] > 1e6, "{values:?}");
+        // The smallest eigenvalues the timed kernel finds are those of the f64 reference.
+        let small = EigProblems {
+            layers: vec![(*k, data[..k * k].to_vec())],
+        };
+        let found = small.solve_once().unwrap();
+        assert!(
+            (found - values[0]).abs() <= 1e-6 * values[k - 1],
+            "{found} vs {values:?}"
+        );
+        assert!(problems.median_time(1).unwrap() > 0.0);
     }
 
     #[test]
