@@ -120,7 +120,7 @@ pub struct StepResult {
     pub mean_opt_step_s: f64,
     pub optimizer_state_bytes: u64,
     /// shared-basis only: the median time of its step's block eigendecompositions alone
-    /// ([`eig_floor`]), measured right after its timed steps on the same threads.
+    /// ([`EigProblems`]), measured right after its timed steps on the same threads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eig_floor_s: Option<f64>,
     /// shared-basis only: how many k×k eigendecompositions one step makes (one per output
