@@ -21,7 +21,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::{Args, Subcommand};
 use plotters::prelude::*;
-use precond::linalg::SymEig;
+use precond::linalg::{blocks_per_task, SymEig};
 use precond::{
     diagonal::DiagonalConfig, GraftConfig, GraftKind, Method, MomentumConfig, OptimizerConfig,
     ParamOptimizer, PrecondError,
@@ -333,12 +333,10 @@ impl EigProblems {
                     let g: Vec<f64> = (0..k * (k + 1))
                         .map(|i| rng.random_range(-1.0..1.0) * 0.7f64.powi((i / k) as i32))
                         .collect();
-                    // Column-major G (k × (k+1)); A = G Gᵀ.
+                    let g = faer::MatRef::from_column_major_slice(&g, k, k + 1);
+                    let gram = g * g.transpose();
                     for c in 0..k {
-                        for r in 0..k {
-                            let dot: f64 = (0..=k).map(|j| g[j * k + r] * g[j * k + c]).sum();
-                            data.push(dot as f32);
-                        }
+                        data.extend(gram.col(c).iter().map(|&v| v as f32));
                     }
                 }
                 (k, data)
@@ -360,12 +358,10 @@ impl EigProblems {
     /// own kernel ([`SymEig`], f32). Returns the sum of the smallest eigenvalues (to keep the
     /// work observable).
     pub fn solve_once(&self) -> Result<f64, BenchError> {
-        let threads = rayon::current_num_threads().max(1);
         let mut total = 0.0;
         for (k, data) in &self.layers {
             let (k, kk) = (*k, k * k);
-            let m = data.len() / kk;
-            let chunk = m.div_ceil(threads * 4).max(8);
+            let chunk = blocks_per_task(data.len() / kk);
             total += data
                 .par_chunks(chunk * kk)
                 .map(|mats| {

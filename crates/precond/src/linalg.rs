@@ -38,6 +38,14 @@ pub fn par_layer() -> Par {
     Par::rayon(0)
 }
 
+/// Blocks per parallel task when `blocks` independent per-block problems are split over the
+/// rayon pool: about four tasks per thread (so a slow task is balanced by stealing), at least 8
+/// blocks each (so the per-task scratch is amortized).
+pub fn blocks_per_task(blocks: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    blocks.div_ceil(threads * 4).max(8)
+}
+
 /// `dst = alpha · lhs · rhs` (or `dst += …` with `accumulate`).
 #[inline]
 pub fn gemm<T: Scalar>(

@@ -53,7 +53,9 @@
 //! ([`crate::OptimizerConfig::max_linalg_failures`]).
 
 use crate::error::{invalid, Result};
-use crate::linalg::{gemm, par_layer, symmetrize, thin_q, thin_svd_left, KernelError, SymEig};
+use crate::linalg::{
+    blocks_per_task, gemm, par_layer, symmetrize, thin_q, thin_svd_left, KernelError, SymEig,
+};
 use crate::preconditioner::{check_finite, check_shapes, check_view, LinalgHealth, Preconditioner};
 use crate::scalar::Scalar;
 use faer::reborrow::{Reborrow, ReborrowMut};
@@ -1118,8 +1120,7 @@ impl<T: Scalar> SharedBasis<T> {
             outside: &w.outside,
         };
         let exact = matches!(self.config.rho, RhoMode::Exact);
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = m.div_ceil(threads * 4).max(8);
+        let chunk = blocks_per_task(m);
         let kk = k * k;
         // Every block runs (no short cut), so that the worst outcome does not depend on the
         // scheduling.
@@ -1214,8 +1215,7 @@ impl<T: Scalar> SharedBasis<T> {
                 T::one(),
                 par_layer(),
             );
-            let threads = rayon::current_num_threads().max(1);
-            let chunk = m.div_ceil(threads * 4).max(8);
+            let chunk = blocks_per_task(m);
             let kk = k * k;
             let (coeffs, lost_mass) = (&self.coeffs, &self.lost_mass);
             let (coef_new, iso_scale) = (w.coef_new.as_ref(), &w.iso_scale);
