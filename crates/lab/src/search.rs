@@ -1,6 +1,6 @@
 //! `precond search autoencoder` and `precond search tagger`: a resumable random hyperparameter
 //! search. Trial i draws its hyperparameters from a search space (a TOML file, by default
-//! `search/spaces/<optimizer>.toml`) with a ChaCha8 stream that depends only on the search seed
+//! `search/spaces/<task>/<optimizer>.toml`) with a ChaCha8 stream that depends only on the search seed
 //! and i, then trains one ordinary run directory `--out/trial-NNN/` through [`train::run`].
 //!
 //! Outputs in `--out`: `trial-NNN/` (a run directory, plus `sampled.toml`, written before the
@@ -91,8 +91,8 @@ pub struct SearchOptions {
     /// best.toml
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Search space (TOML) [default: search/spaces/<optimizer>.toml, relative to the working
-    /// directory, else in the source tree]
+    /// Search space (TOML) [default: search/spaces/<task>/<optimizer>.toml, relative to the
+    /// working directory, else in the source tree]
     #[arg(long, value_name = "FILE")]
     pub space: Option<PathBuf>,
     /// Seed of the sampling: trial i draws from stream i of ChaCha8 seeded with it (the
@@ -793,10 +793,11 @@ fn describe(sample: &Sample) -> String {
 // ---------------------------------------------------------------------------------------------
 // The search
 
-/// The search space file of `optimizer` when `--space` is not given: `search/spaces/<name>.toml`
-/// relative to the working directory, else in the source tree.
-fn default_space(optimizer: &str) -> Result<PathBuf, SearchError> {
-    let file = format!("{optimizer}.toml");
+/// The search space file of `optimizer` on `task` when `--space` is not given:
+/// `search/spaces/<task>/<optimizer>.toml` relative to the working directory, else in the source
+/// tree.
+fn default_space(task: &str, optimizer: &str) -> Result<PathBuf, SearchError> {
+    let file = Path::new(task).join(format!("{optimizer}.toml"));
     let relative = Path::new(SPACES_DIR).join(&file);
     if relative.is_file() {
         return Ok(relative);
@@ -809,7 +810,7 @@ fn default_space(optimizer: &str) -> Result<PathBuf, SearchError> {
         return Ok(source);
     }
     Err(SearchError::Setting(format!(
-        "no search space for {optimizer}: neither {} nor {} exists; give --space FILE",
+        "no search space for {optimizer} on the {task}: neither {} nor {} exists; give --space FILE",
         relative.display(),
         source.display()
     )))
@@ -920,7 +921,7 @@ pub fn run(search: &Search, stop: &AtomicBool) -> Result<Outcome, SearchError> {
     }
     let space_path = match &opts.space {
         Some(p) => p.clone(),
-        None => default_space(name)?,
+        None => default_space(task, name)?,
     };
     let space = Space::load(&space_path)?;
     let space_err = |msg: String| SearchError::Space {
@@ -1573,27 +1574,37 @@ mod tests {
     #[test]
     fn shipped_spaces_cover_the_presets() {
         use crate::optimizers::{default_lr, default_tagger_lr};
-        for name in OPTIMIZERS {
-            let path = default_space(name).unwrap();
-            let space = Space::load(&path).unwrap();
-            let Some(lr) = space.params.iter().find(|p| p.name == "lr") else {
-                panic!("{name}: no lr")
-            };
-            let Dist::LogUniform { low, high } = lr.dist else {
-                panic!("{name}: lr {:?}", lr.dist)
-            };
-            let decades = (high / low).log10();
-            assert!((2.4..=2.6).contains(&decades), "{name}: {decades} decades");
-            for preset in [default_lr(name).unwrap(), default_tagger_lr(name).unwrap()] {
-                // At least 0.4 decades inside either end.
-                let inside = (preset / low).log10().min((high / preset).log10());
-                assert!(inside >= 0.4, "{name}: {preset} in [{low}, {high}]");
-            }
-            let base = TrainSettings {
-                optimizer: Some(name.to_string()),
-                ..Default::default()
-            };
-            for tagger in [None, Some(TaggerSettings::default())] {
+        for task in ["autoencoder", "tagger"] {
+            let tagger = (task == "tagger").then(TaggerSettings::default);
+            for name in OPTIMIZERS {
+                let path = default_space(task, name).unwrap();
+                let space = Space::load(&path).unwrap();
+                let Some(lr) = space.params.iter().find(|p| p.name == "lr") else {
+                    panic!("{task} {name}: no lr")
+                };
+                let Dist::LogUniform { low, high } = lr.dist else {
+                    panic!("{task} {name}: lr {:?}", lr.dist)
+                };
+                // A decade either side of this task's preset.
+                let preset = match tagger {
+                    None => default_lr(name).unwrap(),
+                    Some(_) => default_tagger_lr(name).unwrap(),
+                };
+                let below = (preset / low).log10();
+                let above = (high / preset).log10();
+                assert!(
+                    (below - 1.0).abs() < 1e-9 && (above - 1.0).abs() < 1e-9,
+                    "{task} {name}: {preset} in [{low}, {high}]"
+                );
+                // The grafting stays the preset's: the lr range is meant for it.
+                assert!(
+                    space.params.iter().all(|p| p.name != "graft"),
+                    "{task} {name}"
+                );
+                let base = TrainSettings {
+                    optimizer: Some(name.to_string()),
+                    ..Default::default()
+                };
                 for i in 0..100 {
                     let mut s = base.clone();
                     for (k, v) in &space.sample(0, i) {
@@ -1602,6 +1613,10 @@ mod tests {
                     let c = TrainConfig::resolve(&s, tagger.as_ref()).unwrap();
                     assert!((0.7..=0.99).contains(&c.optimizer.beta1), "{name}: {c:?}");
                     assert_eq!(s.lr, Some(c.optimizer.lr));
+                    assert!(
+                        low <= c.optimizer.lr && c.optimizer.lr < high,
+                        "{name}: {c:?}"
+                    );
                 }
             }
         }
