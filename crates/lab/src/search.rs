@@ -1,7 +1,8 @@
 //! `precond search autoencoder` and `precond search tagger`: a resumable random hyperparameter
 //! search. Trial i draws its hyperparameters from a search space (a TOML file, by default
-//! `search/spaces/<task>/<optimizer>.toml`) with a ChaCha8 stream that depends only on the search seed
-//! and i, then trains one ordinary run directory `--out/trial-NNN/` through [`train::run`].
+//! `search/spaces/<task>/<optimizer>.toml`) with a ChaCha8 stream that depends only on the
+//! search seed and i, then trains one ordinary run directory `--out/trial-NNN/` through
+//! [`train::run`].
 //!
 //! Outputs in `--out`: `trial-NNN/` (a run directory, plus `sampled.toml`, written before the
 //! training starts, and `failed.json` for a trial that diverged), `search.json` (task, optimizer
