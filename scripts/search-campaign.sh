@@ -35,9 +35,8 @@ export RAYON_NUM_THREADS="${THREADS:-1}"
 optimizers="shared-basis sketchy block-adam shampoo-1000 adam"
 for t in $(seq 1 "$trials"); do
   echo "== round $t of $trials $(date -u +%FT%TZ)"
-  for name in $optimizers; do
-    echo "$name"
-  done | PRECOND="$precond" TASK="$task" T="$t" OUT="$out" xargs -P "${JOBS:-2}" -I{} \
+  # shellcheck disable=SC2086 # one name per line
+  printf '%s\n' $optimizers | PRECOND="$precond" TASK="$task" T="$t" OUT="$out" xargs -P "${JOBS:-2}" -I{} \
     bash -c 'if "$PRECOND" search "$TASK" --optimizer {} --trials "$T" --out "$OUT/{}" "$@" \
                > "$OUT/log-{}-$T.txt" 2>&1; then echo "   {} ($(date -u +%T))";
              else echo "   {} FAILED, see $OUT/log-{}-$T.txt" >&2; exit 255; fi' _ "$@"
