@@ -1574,7 +1574,7 @@ mod tests {
 
     #[test]
     fn shipped_spaces_cover_the_presets() {
-        use crate::optimizers::{default_lr, default_tagger_lr};
+        use crate::optimizers::{autoencoder_searched, default_lr, default_tagger_lr};
         for task in ["autoencoder", "tagger"] {
             let tagger = (task == "tagger").then(TaggerSettings::default);
             for name in OPTIMIZERS {
@@ -1586,15 +1586,24 @@ mod tests {
                 let Dist::LogUniform { low, high } = lr.dist else {
                     panic!("{task} {name}: lr {:?}", lr.dist)
                 };
-                // A decade either side of this task's preset.
+                // Two decades, centred on this task's preset: exactly, or within 0.1 decade
+                // where the preset is a draw of the space itself (the autoencoder's searched
+                // Shampoo(1000) and Sketchy, 0.07 decade below the old preset 1e-4).
                 let preset = match tagger {
                     None => default_lr(name).unwrap(),
                     Some(_) => default_tagger_lr(name).unwrap(),
                 };
                 let below = (preset / low).log10();
                 let above = (high / preset).log10();
+                let off_centre = if tagger.is_none() && autoencoder_searched(name).is_some() {
+                    0.1
+                } else {
+                    1e-9
+                };
                 assert!(
-                    (below - 1.0).abs() < 1e-9 && (above - 1.0).abs() < 1e-9,
+                    ((below + above) - 2.0).abs() < 1e-9
+                        && (below - 1.0).abs() < off_centre
+                        && (above - 1.0).abs() < off_centre,
                     "{task} {name}: {preset} in [{low}, {high}]"
                 );
                 // The grafting stays the preset's: the lr range is meant for it.
@@ -1620,6 +1629,34 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn searched_autoencoder_presets_are_trial_zero_of_their_spaces() {
+        use crate::optimizers::autoencoder_searched;
+        for name in ["shampoo-1000", "sketchy"] {
+            let space = Space::load(&default_space("autoencoder", name).unwrap()).unwrap();
+            let draw = space.sample(0, 0);
+            let float = |key: &str| match draw[key] {
+                Value::Float(x) => x,
+                ref other => panic!("{name} {key}: {other:?}"),
+            };
+            let searched = autoencoder_searched(name).unwrap();
+            // Bit for bit: the preset is the measured run's configuration.
+            assert_eq!(float("lr"), searched.lr, "{name}");
+            assert_eq!(1.0 - float("one_minus_beta1"), searched.beta1, "{name}");
+            assert_eq!(float("eps"), searched.eps, "{name}");
+            let c = TrainConfig::from_settings(&TrainSettings {
+                optimizer: Some(name.to_string()),
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(
+                (c.optimizer.lr, c.optimizer.beta1, c.optimizer.eps),
+                (searched.lr, searched.beta1, searched.eps),
+                "{name}"
+            );
         }
     }
 

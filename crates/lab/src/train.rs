@@ -25,7 +25,7 @@ use thiserror::Error;
 use crate::conllu::ConlluError;
 use crate::mnist::MnistError;
 use crate::optimizers::{
-    build_optimizer, default_tagger_lr, BuiltOptimizer, NonFinite, OptimizerError, OptimizerHparams,
+    build_optimizer, BuiltOptimizer, NonFinite, OptimizerError, OptimizerHparams,
 };
 use crate::tagger::TaggerDims;
 use crate::tasks::{
@@ -446,10 +446,10 @@ impl TrainConfig {
         tagger: Option<&TaggerSettings>,
     ) -> Result<TrainConfig, TrainError> {
         let name = s.optimizer.clone().unwrap_or_else(|| "adam".to_string());
-        let mut optimizer = OptimizerHparams::preset(&name)?;
-        if tagger.is_some() {
-            optimizer.lr = default_tagger_lr(&name)?;
-        }
+        let mut optimizer = match tagger {
+            None => OptimizerHparams::preset(&name)?,
+            Some(_) => OptimizerHparams::tagger_preset(&name)?,
+        };
         if let Some(v) = s.lr {
             optimizer.lr = v;
         }
@@ -1864,18 +1864,45 @@ pub(crate) mod tests {
         assert_eq!(t.train, PathBuf::from(DEFAULT_TRAIN));
         assert_eq!(c.optimizer.lr, 3e-3);
         // Shampoo starts preconditioning at step 11 on the tagger (101 on the autoencoder)
-        // unless told otherwise.
+        // unless told otherwise; each task has its own lr, and the autoencoder's searched β1
+        // and ε do not reach the tagger, whose search kept 0.9 and 1e-6.
         let start = |s: &TrainSettings, t: Option<&TaggerSettings>| {
             let c = TrainConfig::resolve(s, t).unwrap();
-            (c.optimizer.library.unwrap().start_step, c.optimizer.lr)
+            let o = c.optimizer;
+            (o.library.unwrap().start_step, o.lr, o.beta1, o.eps)
         };
         let shampoo = TrainSettings {
             optimizer: Some("shampoo-1000".into()),
             ..Default::default()
         };
         let tagger = TaggerSettings::default();
-        assert_eq!(start(&shampoo, Some(&tagger)), (TAGGER_START_STEP, 1e-4));
-        assert_eq!(start(&shampoo, None), (101, 1e-4));
+        assert_eq!(
+            start(&shampoo, Some(&tagger)),
+            (TAGGER_START_STEP, 1e-4, 0.9, 1e-6)
+        );
+        let searched = crate::optimizers::autoencoder_searched("shampoo-1000").unwrap();
+        assert_eq!(
+            start(&shampoo, None),
+            (101, searched.lr, searched.beta1, searched.eps)
+        );
+        let sketchy = TrainSettings {
+            optimizer: Some("sketchy".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            start(&sketchy, Some(&tagger)),
+            (TAGGER_START_STEP, 1e-4, 0.9, 1e-6)
+        );
+        assert_eq!(
+            start(&sketchy, None),
+            (101, searched.lr, searched.beta1, searched.eps)
+        );
+        // Shampoo(250) was not searched: the defaults on both tasks.
+        let shampoo_250 = TrainSettings {
+            optimizer: Some("shampoo-250".into()),
+            ..Default::default()
+        };
+        assert_eq!(start(&shampoo_250, None), (101, 1e-4, 0.9, 1e-6));
         let given = TrainSettings {
             start_step: Some(31),
             ..shampoo.clone()
