@@ -289,12 +289,14 @@ pub fn autoencoder_searched(name: &str) -> Option<Searched> {
 /// The default peak learning rate of a preset, tuned on this benchmark (README, "Learning rates
 /// of the presets", says how).
 pub fn default_lr(name: &str) -> Result<f64, OptimizerError> {
+    // Shampoo(1000), Sketchy: searched on equal budgets (with their β1 and ε).
+    if let Some(searched) = autoencoder_searched(name) {
+        return Ok(searched.lr);
+    }
     match name {
         // Best final training loss of a 10-epoch full-MNIST sweep (README).
         "adam" => Ok(3e-4),
         "shared-basis" => Ok(1e-4),
-        // Shampoo(1000), Sketchy: searched on equal budgets (with their β1 and ε).
-        "shampoo-1000" | "sketchy" => Ok(SHAMPOO_SKETCHY_SEARCHED.lr),
         // Same grafting as shared-basis, so the same step norm; not searched (README).
         "shampoo-250" => Ok(1e-4),
         // Adam's rate (the same step scale: a normalized first moment).

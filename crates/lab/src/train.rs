@@ -1876,27 +1876,17 @@ pub(crate) mod tests {
             ..Default::default()
         };
         let tagger = TaggerSettings::default();
-        assert_eq!(
-            start(&shampoo, Some(&tagger)),
-            (TAGGER_START_STEP, 1e-4, 0.9, 1e-6)
-        );
         let searched = crate::optimizers::autoencoder_searched("shampoo-1000").unwrap();
-        assert_eq!(
-            start(&shampoo, None),
-            (101, searched.lr, searched.beta1, searched.eps)
-        );
-        let sketchy = TrainSettings {
-            optimizer: Some("sketchy".into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            start(&sketchy, Some(&tagger)),
-            (TAGGER_START_STEP, 1e-4, 0.9, 1e-6)
-        );
-        assert_eq!(
-            start(&sketchy, None),
-            (101, searched.lr, searched.beta1, searched.eps)
-        );
+        for name in ["shampoo-1000", "sketchy"] {
+            let s = TrainSettings {
+                optimizer: Some(name.into()),
+                ..Default::default()
+            };
+            let tagger_preset = (TAGGER_START_STEP, 1e-4, 0.9, 1e-6);
+            assert_eq!(start(&s, Some(&tagger)), tagger_preset, "{name}");
+            let autoencoder_preset = (101, searched.lr, searched.beta1, searched.eps);
+            assert_eq!(start(&s, None), autoencoder_preset, "{name}");
+        }
         // Shampoo(250) was not searched: the defaults on both tasks.
         let shampoo_250 = TrainSettings {
             optimizer: Some("shampoo-250".into()),
