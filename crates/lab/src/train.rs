@@ -100,15 +100,16 @@ pub struct TrainSettings {
     #[arg(long)]
     pub lr: Option<f64>,
     /// adam, block-adam: first-moment decay; shared-basis, shampoo, sketchy: momentum
-    /// [default: 0.9]
+    /// [default: the preset's, see README]
     #[arg(long)]
     pub beta1: Option<f64>,
-    /// adam, block-adam: second-moment decay [default: 0.999]; shared-basis, shampoo, sketchy:
-    /// statistics decay [default: 1, the plain sum of Algorithm 1]
+    /// adam, block-adam: second-moment decay; shared-basis, shampoo, sketchy: statistics decay,
+    /// 1 the plain sum of Algorithm 1 [default: the preset's, see README]
     #[arg(long)]
     pub beta2: Option<f64>,
-    /// adam: denominator epsilon; block-adam: added before the inverse root [default: 1e-8];
-    /// shared-basis: epsilon of eq. 6; shampoo, sketchy: added before the roots [default: 1e-6]
+    /// adam: denominator epsilon; block-adam: added before the inverse root; shared-basis:
+    /// epsilon of eq. 6; shampoo, sketchy: added before the roots [default: the preset's, see
+    /// README]
     #[arg(long)]
     pub eps: Option<f64>,
     /// Weight decay, coupled (adam: L2 penalty on the gradient) [default: 0]
@@ -1893,6 +1894,26 @@ pub(crate) mod tests {
             ..Default::default()
         };
         assert_eq!(start(&shampoo_250, None), (101, 1e-4, 0.9, 1e-6));
+        // Block Adam: its searched β2 too on the autoencoder; its own moments on the tagger.
+        let block_adam = TrainSettings {
+            optimizer: Some("block-adam".into()),
+            ..Default::default()
+        };
+        let moments = |t: Option<&TaggerSettings>| {
+            let o = TrainConfig::resolve(&block_adam, t).unwrap().optimizer;
+            (o.lr, o.beta1, o.beta2, o.eps)
+        };
+        assert_eq!(moments(Some(&tagger)), (1e-2, 0.9, 0.999, 1e-8));
+        let searched = crate::optimizers::autoencoder_searched("block-adam").unwrap();
+        assert_eq!(
+            moments(None),
+            (
+                searched.lr,
+                searched.beta1,
+                searched.beta2.unwrap(),
+                searched.eps
+            )
+        );
         let given = TrainSettings {
             start_step: Some(31),
             ..shampoo.clone()
