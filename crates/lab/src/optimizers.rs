@@ -24,6 +24,7 @@ use thiserror::Error;
 pub const OPTIMIZERS: &[&str] = &[
     "adam",
     "shared-basis",
+    "shared-basis-paper",
     "shampoo-250",
     "shampoo-1000",
     "sketchy",
@@ -69,6 +70,8 @@ pub enum OptimizerError {
     Unknown(String),
     #[error("unknown grafting {0:?}; known: {known}", known = GRAFTS.join(", "))]
     UnknownGraft(String),
+    #[error("unknown lost-mass policy --rho {0:?}; known: {known}", known = RHO_POLICIES.join(", "))]
+    UnknownRho(String),
     #[error("invalid {name} = {value}: {why}")]
     Invalid {
         name: &'static str,
@@ -120,9 +123,17 @@ pub struct LibraryHparams {
     /// shared-basis: power iterations of the randomized SVD.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub power_iters: Option<usize>,
-    /// shared-basis: power iterations estimating ρ_i (0 = exact, by eigendecompositions).
+    /// shared-basis: power iterations estimating ρ_i (0 = exact, by eigendecompositions) under
+    /// the `norm` policy; steps from the random start under `random-start`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rho_iters: Option<usize>,
+    /// shared-basis: the lost-mass policy, one of [`RHO_POLICIES`] (absent: `norm`, the
+    /// paper's reading; see [`rho_mode`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rho: Option<String>,
+    /// shared-basis: multiplier s on every increment of ρ (absent: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rho_scale: Option<f64>,
     /// Shampoo, Sketchy: largest block side.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
@@ -151,6 +162,8 @@ impl LibraryHparams {
             oversample: None,
             power_iters: None,
             rho_iters: None,
+            rho: None,
+            rho_scale: None,
             block_size: None,
             precondition_every: None,
             graft: "rmsprop-normalized".into(),
@@ -161,14 +174,25 @@ impl LibraryHparams {
         }
     }
 
-    /// The paper's shared-basis settings (NOTES §4): k 32, p 0, 1 power iteration.
-    pub fn shared_basis() -> Self {
+    /// Algorithm 1 exactly as its text reads (NOTES §4): k 32, p 0, 1 power iteration, ρ
+    /// increments ‖M_i − B R_i Bᵀ‖₂ by 10 power iterations (the `shared-basis-paper` preset).
+    pub fn shared_basis_paper() -> Self {
         LibraryHparams {
             rank: Some(32),
             oversample: Some(0),
             power_iters: Some(1),
             rho_iters: Some(10),
             ..Self::base()
+        }
+    }
+
+    /// The default `shared-basis` preset: the paper's settings with the lost-mass policy that
+    /// measured best (README, "The lost-mass ridge").
+    pub fn shared_basis() -> Self {
+        LibraryHparams {
+            rho: Some(DEFAULT_RHO.into()),
+            rho_scale: Some(DEFAULT_RHO_SCALE),
+            ..Self::shared_basis_paper()
         }
     }
 
@@ -240,6 +264,7 @@ impl OptimizerHparams {
         };
         Ok(match name {
             "shared-basis" => ours(LibraryHparams::shared_basis()),
+            "shared-basis-paper" => ours(LibraryHparams::shared_basis_paper()),
             "shampoo-250" => ours(LibraryHparams::shampoo(250)),
             "shampoo-1000" => ours(LibraryHparams::shampoo(1000)),
             "sketchy" => ours(LibraryHparams::sketchy()),
@@ -320,7 +345,7 @@ pub fn default_lr(name: &str) -> Result<f64, OptimizerError> {
     match name {
         // Best final training loss of a 10-epoch full-MNIST sweep (README).
         "adam" => Ok(3e-4),
-        "shared-basis" => Ok(1e-4),
+        "shared-basis" | "shared-basis-paper" => Ok(1e-4),
         // Same grafting as shared-basis, so the same step norm; not searched (README).
         "shampoo-250" => Ok(1e-4),
         other => Err(OptimizerError::Unknown(other.to_string())),
@@ -337,9 +362,42 @@ pub fn default_tagger_lr(name: &str) -> Result<f64, OptimizerError> {
         "block-adam" => Ok(1e-2),
         // 15-epoch runs of shared-basis at 3e-5, 1e-4, 3e-4, 1e-3: 1e-4 best; Shampoo and
         // Sketchy share its grafting, so its step size.
-        "shared-basis" | "shampoo-250" | "shampoo-1000" | "sketchy" => Ok(1e-4),
+        "shared-basis" | "shared-basis-paper" | "shampoo-250" | "shampoo-1000" | "sketchy" => {
+            Ok(1e-4)
+        }
         other => Err(OptimizerError::Unknown(other.to_string())),
     }
+}
+
+/// The `shared-basis` preset's lost-mass policy and multiplier (README, "The lost-mass ridge").
+pub const DEFAULT_RHO: &str = "norm";
+pub const DEFAULT_RHO_SCALE: f64 = precond::TUNED_RHO_SCALE;
+
+/// Names accepted by `--rho` (shared-basis' lost-mass policy, [`RhoMode`]): `norm` is
+/// Algorithm 1's ‖M_i − B R_i Bᵀ‖₂ (by `--rho-iters` power iterations from inside the
+/// residual's span, 0 = exact), `random-start` the power-iteration estimate from a random start
+/// in ℝ^b after `--rho-iters` steps, `rayleigh` the Rayleigh quotient at a random start, `fd`
+/// the frequent-directions increment λ_min(R̃_i) + |(I − B Bᵀ) g_i|².
+pub const RHO_POLICIES: &[&str] = &["norm", "random-start", "rayleigh", "fd"];
+
+/// The [`RhoMode`] of a `--rho` policy name and its `--rho-iters` (default 10 for `norm`, 1 for
+/// `random-start`; `rayleigh` and `fd` take none).
+pub fn rho_mode(policy: &str, iters: Option<usize>) -> Result<RhoMode, OptimizerError> {
+    Ok(match (policy, iters) {
+        ("norm", None) => RhoMode::PowerIteration(10),
+        ("norm", Some(0)) => RhoMode::Exact,
+        ("norm", Some(n)) => RhoMode::PowerIteration(n),
+        ("random-start", n) => RhoMode::RandomStart(n.unwrap_or(1)),
+        ("rayleigh", None) => RhoMode::Rayleigh,
+        ("fd", None) => RhoMode::FrequentDirections,
+        ("rayleigh" | "fd", Some(_)) => {
+            return Err(OptimizerError::NotApplicable {
+                flag: "rho-iters",
+                optimizer: format!("shared-basis with --rho {policy}"),
+            })
+        }
+        (other, _) => return Err(OptimizerError::UnknownRho(other.to_string())),
+    })
 }
 
 /// Parses a grafting name of [`GRAFTS`].
@@ -442,13 +500,11 @@ pub fn library_config(h: &OptimizerHparams) -> Result<SharedBasisOptimizerConfig
             rank: lib.rank.unwrap_or(32),
             oversample: lib.oversample.unwrap_or(0),
             power_iters: lib.power_iters.unwrap_or(1),
-            rho: match lib.rho_iters.unwrap_or(10) {
-                0 => RhoMode::Exact,
-                n => RhoMode::PowerIteration(n),
-            },
+            rho: rho_mode(lib.rho.as_deref().unwrap_or("norm"), lib.rho_iters)?,
             eps: h.eps,
             beta2: h.beta2,
             seed: lib.seed,
+            rho_scale: lib.rho_scale.unwrap_or(1.0),
         })
     };
     let config = SharedBasisOptimizerConfig::new()
@@ -571,8 +627,8 @@ mod tests {
         assert_eq!(
             err.as_deref(),
             Some(
-                "unknown optimizer \"sgdx\"; known: adam, shared-basis, shampoo-250, \
-                 shampoo-1000, sketchy, block-adam"
+                "unknown optimizer \"sgdx\"; known: adam, shared-basis, shared-basis-paper, \
+                 shampoo-250, shampoo-1000, sketchy, block-adam"
             )
         );
         let err = build_optimizer(&OptimizerHparams {

@@ -131,6 +131,14 @@ pub struct ReplayArgs {
     /// Measure ρ exactly (eigendecompositions) instead of by power iteration.
     #[arg(long)]
     pub rho_exact: bool,
+    /// Lost-mass policy: norm (Algorithm 1: the residual's spectral norm, by --rho-iters power
+    /// iterations or --rho-exact), random-start (--rho-iters steps from a random start in
+    /// R^b), rayleigh, fd (frequent directions)
+    #[arg(long, default_value = "norm", value_parser = ["norm", "random-start", "rayleigh", "fd"])]
+    pub rho: String,
+    /// Multiplier on every increment of ρ (0 = ε alone).
+    #[arg(long, default_value_t = 1.0)]
+    pub rho_scale: f64,
     /// ε (absolute): added to ρ_i (shared-basis), to the statistics before their roots (Shampoo,
     /// Sketchy, Block Adam, full-matrix Adagrad) or to the root (diagonal methods)
     /// [default: 1e-6 for matrix methods; PyTorch's for diagonal ones]
@@ -257,14 +265,17 @@ impl ReplayArgs {
             rank: self.rank,
             oversample: self.oversample,
             power_iters: self.power_iters,
-            rho: if self.rho_exact {
-                RhoMode::Exact
-            } else {
-                RhoMode::PowerIteration(self.rho_iters)
+            rho: match self.rho.as_str() {
+                "random-start" => RhoMode::RandomStart(self.rho_iters),
+                "rayleigh" => RhoMode::Rayleigh,
+                "fd" => RhoMode::FrequentDirections,
+                _ if self.rho_exact => RhoMode::Exact,
+                _ => RhoMode::PowerIteration(self.rho_iters),
             },
             eps: self.eps(),
             beta2: self.beta2(),
             seed: self.seed,
+            rho_scale: self.rho_scale,
         }
     }
 }
@@ -479,6 +490,8 @@ mod tests {
             power_iters: 1,
             rho_iters: 10,
             rho_exact: false,
+            rho: "norm".into(),
+            rho_scale: 1.0,
             eps: Some(1e-2),
             beta1: 0.9,
             beta2: None,

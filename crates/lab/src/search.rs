@@ -81,8 +81,8 @@ pub enum SearchTask {
 /// The search's own options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SearchOptions {
-    /// Optimizer preset whose hyperparameters are searched: adam, shared-basis, shampoo-250,
-    /// shampoo-1000, sketchy, block-adam
+    /// Optimizer preset whose hyperparameters are searched: adam, shared-basis,
+    /// shared-basis-paper, shampoo-250, shampoo-1000, sketchy, block-adam
     #[arg(long)]
     pub optimizer: String,
     /// Number of trials; the same command with more adds the missing ones
@@ -134,6 +134,12 @@ pub struct PassThrough {
     /// shared-basis: power iterations estimating the lost mass rho (0 = exact)
     #[arg(long)]
     pub rho_iters: Option<usize>,
+    /// shared-basis: lost-mass policy (norm, random-start, rayleigh, fd)
+    #[arg(long)]
+    pub rho: Option<String>,
+    /// shared-basis: multiplier on every increment of rho
+    #[arg(long)]
+    pub rho_scale: Option<f64>,
     /// shampoo, sketchy: largest block side; block-adam: rows per block
     #[arg(long)]
     pub block_size: Option<usize>,
@@ -198,6 +204,8 @@ impl PassThrough {
             oversample: p.oversample,
             power_iters: p.power_iters,
             rho_iters: p.rho_iters,
+            rho: p.rho,
+            rho_scale: p.rho_scale,
             block_size: p.block_size,
             precondition_every: p.precondition_every,
             graft: p.graft,
@@ -414,7 +422,9 @@ const PARAMS: &[(&str, Kind)] = &[
     ("power_iters", Kind::Int),
     ("precondition_every", Kind::Int),
     ("rank", Kind::Int),
+    ("rho", Kind::Str),
     ("rho_iters", Kind::Int),
+    ("rho_scale", Kind::Float),
     ("start_step", Kind::Int),
     ("warmup_frac", Kind::Float),
     ("weight_decay", Kind::Float),
@@ -721,6 +731,8 @@ fn is_given(s: &TrainSettings, key: &str) -> bool {
         "oversample" => s.oversample.is_some(),
         "power_iters" => s.power_iters.is_some(),
         "rho_iters" => s.rho_iters.is_some(),
+        "rho" => s.rho.is_some(),
+        "rho_scale" => s.rho_scale.is_some(),
         "block_size" => s.block_size.is_some(),
         "precondition_every" => s.precondition_every.is_some(),
         "graft" => s.graft.is_some(),
@@ -756,6 +768,13 @@ fn apply(s: &mut TrainSettings, name: &str, value: &Value) {
         "oversample" => s.oversample = usize_(),
         "power_iters" => s.power_iters = usize_(),
         "rho_iters" => s.rho_iters = usize_(),
+        "rho_scale" => s.rho_scale = float(),
+        "rho" => {
+            s.rho = match value {
+                Value::Str(r) => Some(r.clone()),
+                _ => None,
+            }
+        }
         "block_size" => s.block_size = usize_(),
         "precondition_every" => s.precondition_every = int(),
         "start_step" => s.start_step = int(),
@@ -1053,7 +1072,11 @@ pub fn run(search: &Search, stop: &AtomicBool) -> Result<Outcome, SearchError> {
                     break;
                 }
             }
-            Err(e @ (TrainError::Diverged { .. } | TrainError::NonFinite { .. })) => {
+            Err(
+                e @ (TrainError::Diverged { .. }
+                | TrainError::NonFinite { .. }
+                | TrainError::LinalgFailure { .. }),
+            ) => {
                 eprintln!("{}: failed: {e}", trial.dir.display());
                 let record = serde_json::json!({
                     "trial": trial.index,

@@ -42,8 +42,13 @@
 //! - any other error (a state that does not fit the parameter's shape, a linear-algebra failure,
 //!   a non-finite learning rate, a parameter whose data cannot be read as `f32`) leaves the
 //!   parameter untouched, increments [`AdapterStats::failed`] and is kept in
-//!   [`SharedBasisHandle::last_error`]. After a linear-algebra failure the preconditioner's
-//!   statistics have already absorbed the gradient (see [`ParamOptimizer::step`]).
+//!   [`SharedBasisHandle::last_error`]. A linear-algebra failure is a refused step (see
+//!   [`ParamOptimizer::step`]): the parameter's grafting and momentum buffers and step count are
+//!   untouched, and each refusal in a row reports a longer run; once the run reaches
+//!   [`OptimizerConfig::max_linalg_failures`] ([`OptimizerConfig::gives_up`]) the parameter no
+//!   longer moves, and a training loop should stop. Such an error is not replaced in
+//!   `last_error` by a later one that does not give up, so reading the handle after each step
+//!   sees it.
 //!
 //! Nothing is printed and nothing panics; check the handle after each step (or each epoch) to act
 //! on it.
@@ -57,7 +62,9 @@
 //! is skipped by burn's `load_record` and that parameter starts afresh. States written before
 //! [`OptimizerConfig::nonfinite`] existed (codec version 1) load with its default,
 //! [`NonFinitePolicy::Error`]; states written before the linear-algebra failure counts
-//! (version 2) load with zero counts and [`OptimizerConfig::max_linalg_failures`] at its default.
+//! (version 2) load with zero counts and [`OptimizerConfig::max_linalg_failures`] at its default;
+//! states written before the run of refused steps (version 3) load with
+//! [`ParamOptimizer::refused_in_row`] 0 and the shared-basis `rho_scale` at its default, 1.
 
 use crate::error::{PrecondError, Result};
 use crate::graft::{GraftConfig, GraftKind};
@@ -163,6 +170,20 @@ impl SharedBasisOptimizerConfig {
     /// ρ computed exactly (audits; O(k³) per block).
     pub fn with_rho_exact(mut self) -> Self {
         self.sb().rho = RhoMode::Exact;
+        self
+    }
+
+    /// How ρ grows: the lost-mass policy ([`RhoMode`]: the paper's norm, a random start, the
+    /// Rayleigh quotient, frequent directions).
+    pub fn with_rho(mut self, rho: RhoMode) -> Self {
+        self.sb().rho = rho;
+        self
+    }
+
+    /// Multiplier on every ρ increment ([`SharedBasisConfig::rho_scale`]; 1 = Algorithm 1,
+    /// [`crate::TUNED_RHO_SCALE`] = the command line's `shared-basis` preset).
+    pub fn with_rho_scale(mut self, scale: f64) -> Self {
+        self.sb().rho_scale = scale;
         self
     }
 
@@ -415,6 +436,8 @@ pub struct AdapterStats {
 #[derive(Default)]
 struct HandleInner {
     last_error: Option<PrecondError>,
+    /// Whether `last_error` is one the failing parameter's config gives up on.
+    last_error_gives_up: bool,
     last_warning: Option<PrecondError>,
     stats: AdapterStats,
     /// One entry per live state registered with this handle; dead ones are pruned.
@@ -448,14 +471,18 @@ impl SharedBasisHandle {
         Arc::as_ptr(&self.inner) as usize
     }
 
-    /// The most recent error (kept until [`take_last_error`](Self::take_last_error)).
+    /// The most recent error (kept until [`take_last_error`](Self::take_last_error)), except
+    /// that an error the failing parameter's config gives up on
+    /// ([`OptimizerConfig::gives_up`]) is only replaced by another such error.
     pub fn last_error(&self) -> Option<PrecondError> {
         self.lock().last_error.clone()
     }
 
-    /// Returns and clears the most recent error.
+    /// Returns and clears the most recent error (see [`last_error`](Self::last_error)).
     pub fn take_last_error(&self) -> Option<PrecondError> {
-        self.lock().last_error.take()
+        let mut g = self.lock();
+        g.last_error_gives_up = false;
+        g.last_error.take()
     }
 
     /// The most recent warning (kept until [`take_last_warning`](Self::take_last_warning)): a
@@ -506,13 +533,21 @@ impl SharedBasisHandle {
     }
 
     fn fail(&self, err: PrecondError) {
+        self.fail_giving_up(err, false);
+    }
+
+    /// Records `err`; `gives_up`: the failing parameter's config gives up on it.
+    fn fail_giving_up(&self, err: PrecondError, gives_up: bool) {
         let mut g = self.lock();
         if matches!(err, PrecondError::NonFiniteGradient { .. }) {
             g.stats.skipped_non_finite += 1;
         } else {
             g.stats.failed += 1;
         }
-        g.last_error = Some(err);
+        if gives_up || !g.last_error_gives_up {
+            g.last_error = Some(err);
+            g.last_error_gives_up = gives_up;
+        }
     }
 
     fn skip(&self, warning: PrecondError) {
@@ -659,7 +694,9 @@ impl Optimizer for SharedBasisOptimizer {
                 (tensor, Some(state))
             }
             Err(e) => {
-                self.handle.fail(e);
+                // The parameter's own config decides (a restored state keeps its limit).
+                let gives_up = state.opt.config().gives_up(&e);
+                self.handle.fail_giving_up(e, gives_up);
                 (tensor, Some(state))
             }
         }
@@ -734,9 +771,10 @@ mod codec {
 
     const MAGIC: &[u8; 4] = b"PCSB";
     /// 2: `OptimizerConfig` ends with `nonfinite`. 3: `OptimizerConfig` ends with
-    /// `max_linalg_failures` and the method states with their `linalg` counts. Versions 1 and 2
-    /// are still read (see [`ADDED`]).
-    const VERSION: u32 = 3;
+    /// `max_linalg_failures` and the method states with their `linalg` counts. 4:
+    /// `ParamOptimizer` ends with `refused_in_row` and `SharedBasisConfig` with `rho_scale`.
+    /// Versions 1 to 3 are still read (see [`ADDED`]).
+    const VERSION: u32 = 4;
 
     /// Fields appended to a struct after version 1, as (version that added it, struct, field),
     /// in the order they were added. A record of an older version ends those structs before
@@ -748,15 +786,20 @@ mod codec {
         (3, "Shampoo", "linalg"),
         (3, "Sketchy", "linalg"),
         (3, "BlockAdam", "linalg"),
+        (4, "ParamOptimizer", "refused_in_row"),
+        (4, "SharedBasisConfig", "rho_scale"),
     ];
+
+    /// Whether a record of `version` predates the field `field` of the struct `name`.
+    fn is_newer(version: u32, name: &str, field: &str) -> bool {
+        ADDED
+            .iter()
+            .any(|&(v, n, f)| v > version && n == name && f == field)
+    }
 
     /// How many of `fields` (the struct `name`'s) a record of `version` holds.
     fn stored_fields(version: u32, name: &str, fields: &[&str]) -> usize {
-        let newer = |field: &&&str| {
-            ADDED
-                .iter()
-                .any(|&(v, n, f)| v > version && n == name && f == **field)
-        };
+        let newer = |field: &&&str| is_newer(version, name, field);
         fields.len() - fields.iter().rev().take_while(newer).count()
     }
 
@@ -783,10 +826,24 @@ mod codec {
     type Res<T> = std::result::Result<T, Error>;
 
     pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+        write(value, VERSION)
+    }
+
+    /// `value` as a record of the older `version` wrote it: without the fields [`ADDED`] since
+    /// (tests build old records with it).
+    #[cfg(test)]
+    pub fn encode_as<T: Serialize>(value: &T, version: u32) -> Vec<u8> {
+        assert!((1..=VERSION).contains(&version));
+        write(value, version)
+    }
+
+    fn write<T: Serialize>(value: &T, version: u32) -> Vec<u8> {
         let mut s = Ser {
             out: MAGIC.to_vec(),
+            version,
+            structs: Vec::new(),
         };
-        s.out.extend_from_slice(&VERSION.to_le_bytes());
+        s.out.extend_from_slice(&version.to_le_bytes());
         // Only unknown-length sequences fail, and derived impls never produce them.
         value
             .serialize(&mut s)
@@ -818,6 +875,10 @@ mod codec {
 
     struct Ser {
         out: Vec<u8>,
+        /// The version written: the fields [`ADDED`] after it are left out.
+        version: u32,
+        /// The structs being written, innermost last.
+        structs: Vec<&'static str>,
     }
 
     impl Ser {
@@ -932,7 +993,8 @@ mod codec {
             self.len(n);
             Ok(self)
         }
-        fn serialize_struct(self, _: &'static str, _: usize) -> Res<Self> {
+        fn serialize_struct(self, name: &'static str, _: usize) -> Res<Self> {
+            self.structs.push(name);
             Ok(self)
         }
         fn serialize_struct_variant(
@@ -966,8 +1028,23 @@ mod codec {
     ser_compound!(SerializeTuple, serialize_element);
     ser_compound!(SerializeTupleStruct, serialize_field);
     ser_compound!(SerializeTupleVariant, serialize_field);
-    ser_compound!(SerializeStruct, serialize_field, key);
     ser_compound!(SerializeStructVariant, serialize_field, key);
+
+    impl ser::SerializeStruct for &mut Ser {
+        type Ok = ();
+        type Error = Error;
+        fn serialize_field<T: ?Sized + Serialize>(&mut self, key: &'static str, v: &T) -> Res<()> {
+            let name = self.structs.last().copied().unwrap_or_default();
+            if self.version < VERSION && is_newer(self.version, name, key) {
+                return Ok(());
+            }
+            v.serialize(&mut **self)
+        }
+        fn end(self) -> Res<()> {
+            self.structs.pop();
+            Ok(())
+        }
+    }
 
     impl ser::SerializeMap for &mut Ser {
         type Ok = ();
@@ -1777,33 +1854,61 @@ mod tests {
         }
     }
 
-    /// `v3`, the version-3 record of the shared-basis parameter `o`, as version 1 or 2 wrote
-    /// it: without the fields added since (codec `ADDED`).
-    fn older_record(o: &ParamOptimizer, v3: &[u8], version: u32) -> Vec<u8> {
+    /// `v4`, the version-4 record of the shared-basis parameter `o`, cut by hand to what
+    /// `version` (1 to 3) wrote, and the cuts' byte ranges: version 3 had no `rho_scale` (f64)
+    /// ending the config's and the state's `SharedBasisConfig` and no `refused_in_row` (u64)
+    /// ending the record; version 2 no `max_linalg_failures` (u64) ending the config and no
+    /// `linalg` counts (two u64) ending the method state; version 1 no `nonfinite` (a u32
+    /// variant index) before `max_linalg_failures`.
+    fn older_record(
+        o: &ParamOptimizer,
+        v4: &[u8],
+        version: u32,
+    ) -> (Vec<u8>, Vec<std::ops::Range<usize>>) {
         let len = |bytes: Vec<u8>| bytes.len() - 8;
+        let Method::SharedBasis(sb) = &o.config().method else {
+            panic!("a shared-basis parameter")
+        };
+        let sb_len = len(codec::encode(sb));
         let config_end = 8 + len(codec::encode(o.config()));
-        // Fields: config, view, path, precond (an Option: one tag byte), graft, momentum, step.
-        let method_end = config_end
-            + len(codec::encode(o.view()))
-            + len(codec::encode(&o.path()))
-            + 1
-            + len(codec::encode(o.preconditioner().unwrap()));
-        // The config ends with nonfinite (a u32 variant index) and max_linalg_failures (u64),
-        // the method state with its two u64 counts.
-        let config_cut = if version == 1 { 12 } else { 8 };
+        // Fields: config (starting with the method: a u32 variant index and its config), view,
+        // path, precond (an Option: one tag byte; a MethodState: a u32 variant index; a
+        // SharedBasis, starting with its config), graft, momentum, step, refused_in_row.
+        let state_at = config_end + len(codec::encode(o.view())) + len(codec::encode(&o.path()));
+        let sb_at = state_at + 1 + 4;
+        let method_end = state_at + 1 + len(codec::encode(o.preconditioner().unwrap()));
+        let mut cuts = vec![
+            8 + 4 + sb_len - 8..8 + 4 + sb_len,
+            sb_at + sb_len - 8..sb_at + sb_len,
+            v4.len() - 8..v4.len(),
+        ];
+        if version <= 2 {
+            cuts.push(config_end - 8..config_end);
+            cuts.push(method_end - 16..method_end);
+        }
+        if version == 1 {
+            cuts.push(config_end - 12..config_end - 8);
+        }
+        cuts.sort_by_key(|r| r.start);
         let mut out = b"PCSB".to_vec();
         out.extend_from_slice(&version.to_le_bytes());
-        out.extend_from_slice(&v3[8..config_end - config_cut]);
-        out.extend_from_slice(&v3[config_end..method_end - 16]);
-        out.extend_from_slice(&v3[method_end..]);
-        out
+        let mut at = 8;
+        for r in &cuts {
+            out.extend_from_slice(&v4[at..r.start]);
+            at = r.end;
+        }
+        out.extend_from_slice(&v4[at..]);
+        (out, cuts)
     }
 
-    /// States encoded before `OptimizerConfig::nonfinite` existed (codec version 1) and before
+    /// States encoded before `OptimizerConfig::nonfinite` existed (codec version 1), before
     /// the linear-algebra failure counts (version 2: `max_linalg_failures` and the method's
-    /// `linalg`) decode with the defaults and continue bitwise.
+    /// `linalg`) and before `ParamOptimizer::refused_in_row` and `SharedBasisConfig::rho_scale`
+    /// (version 3) decode with the defaults and continue bitwise. The records are cut by hand
+    /// from a version-4 one, and the codec's own older encodings (`encode_as`, which the other
+    /// tests may use) are the same bytes.
     #[test]
-    fn codec_reads_version_1_and_2_states() {
+    fn codec_reads_versions_1_to_3() {
         let cfg = config().with_seed(5);
         let mut o = ParamOptimizer::new(cfg.config(), &[6, 5], None, false).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(2);
@@ -1812,23 +1917,38 @@ mod tests {
             let g = normal(30, 1.0, &mut rng);
             o.step(&mut p, &g, 0.1).unwrap();
         }
-        let v3 = encode_param_optimizer(&o);
-        assert_eq!(&v3[4..8], &3u32.to_le_bytes());
-        // The layout older_record assumes: the config ends with nonfinite = 0 and
-        // max_linalg_failures = 3, the method state with two zero counts.
-        let config_len = codec::encode(o.config()).len() - 8;
-        assert_eq!(
-            &v3[8 + config_len - 12..8 + config_len],
-            &[0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]
-        );
-        for version in [1u32, 2] {
-            let old = older_record(&o, &v3, version);
-            assert_eq!(old.len(), v3.len() - 16 - if version == 1 { 12 } else { 8 });
+        let v4 = encode_param_optimizer(&o);
+        assert_eq!(&v4[4..8], &4u32.to_le_bytes());
+        assert_eq!(codec::encode_as(&o, 4), v4);
+        for version in 1u32..=3 {
+            let (old, cuts) = older_record(&o, &v4, version);
+            // The layout older_record assumes: the cuts hold rho_scale = 1.0 (twice),
+            // refused_in_row = 0, max_linalg_failures = 3, two zero counts, nonfinite = 0.
+            let mut want = vec![1.0f64.to_le_bytes().to_vec(); 2];
+            want.push(vec![0; 8]);
+            if version <= 2 {
+                want.push(3u64.to_le_bytes().to_vec());
+                want.push(vec![0; 16]);
+            }
+            if version == 1 {
+                want.push(vec![0; 4]);
+            }
+            let mut got: Vec<Vec<u8>> = cuts.iter().map(|r| v4[r.clone()].to_vec()).collect();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "version {version}");
+            assert_eq!(
+                old.len(),
+                v4.len() - [52, 48, 24][version as usize - 1],
+                "version {version}"
+            );
+            assert_eq!(codec::encode_as(&o, version), old, "version {version}");
             let mut back = decode_param_optimizer(&old).unwrap();
             assert_eq!(back.config().nonfinite, NonFinitePolicy::Error);
             assert_eq!(back.config().max_linalg_failures, 3);
             assert_eq!(back.linalg_failures(), 0);
-            assert_eq!(encode_param_optimizer(&back), v3, "version {version}");
+            assert_eq!(back.refused_in_row(), 0);
+            assert_eq!(encode_param_optimizer(&back), v4, "version {version}");
             let (mut q, mut p2, mut o2) = (p.clone(), p.clone(), o.clone());
             let mut rng = ChaCha8Rng::seed_from_u64(9);
             for _ in 0..2 {
@@ -1838,7 +1958,7 @@ mod tests {
             }
             assert_eq!(p2, q, "version {version}");
         }
-        // A Skip state round-trips at version 3; a version-3 state read as version 1 or 2 is
+        // A Skip state round-trips at version 4; a version-4 state read as an older version is
         // refused.
         let skip = ParamOptimizer::new(
             cfg.clone().with_nonfinite(NonFinitePolicy::Skip).config(),
@@ -1850,11 +1970,117 @@ mod tests {
         let bytes = encode_param_optimizer(&skip);
         let back = decode_param_optimizer(&bytes).unwrap();
         assert_eq!(back.config().nonfinite, NonFinitePolicy::Skip);
-        for version in [1, 2] {
+        for version in [1, 2, 3] {
             let mut wrong = bytes.clone();
             wrong[4] = version;
             assert!(decode_param_optimizer(&wrong).is_err(), "version {version}");
         }
+    }
+
+    /// The run of refused steps survives the codec: a Block Adam parameter whose second
+    /// moment overflows f32 at two steps in a row (refused, runs 1 and 2) decodes with
+    /// `refused_in_row` 2 and re-encodes to the same bytes; the copy's next refusal reports run
+    /// 3 and gives up, as the original's does, and a clean step then continues bitwise and
+    /// resets the run. A version-3 record of that state (before the field) loads with 0.
+    #[test]
+    fn codec_keeps_refused_in_row() {
+        use crate::block_diag::BlockAdamConfig;
+        let cfg = OptimizerConfig {
+            method: Method::BlockAdam(BlockAdamConfig {
+                block_size: 4,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut o = ParamOptimizer::new(&cfg, &[6, 5], None, false).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let mut p = normal(30, 1.0, &mut rng);
+        for _ in 0..2 {
+            let g = normal(30, 1.0, &mut rng);
+            o.step(&mut p, &g, 0.1).unwrap();
+        }
+        let mut huge = normal(30, 1.0, &mut rng);
+        huge[11] = 1e20;
+        for run in 1..=2u64 {
+            let e = o.step(&mut p, &huge, 0.1).unwrap_err();
+            let PrecondError::LinalgFailure {
+                step, consecutive, ..
+            } = e
+            else {
+                panic!("run {run}: {e:?}")
+            };
+            assert_eq!((step, consecutive), (3, run));
+            assert!(!cfg.gives_up(&e));
+        }
+        let bytes = encode_param_optimizer(&o);
+        assert_eq!(&bytes[bytes.len() - 8..], &2u64.to_le_bytes());
+        let mut back = decode_param_optimizer(&bytes).unwrap();
+        assert_eq!((back.steps(), back.refused_in_row()), (2, 2));
+        assert_eq!(encode_param_optimizer(&back), bytes);
+        let mut q = p.clone();
+        for (opt, param) in [(&mut o, &mut p), (&mut back, &mut q)] {
+            let e = opt.step(param, &huge, 0.1).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    PrecondError::LinalgFailure {
+                        step: 3,
+                        consecutive: 3,
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+            assert!(cfg.gives_up(&e));
+        }
+        let g = normal(30, 1.0, &mut rng);
+        o.step(&mut p, &g, 0.1).unwrap();
+        back.step(&mut q, &g, 0.1).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&p), bits(&q));
+        assert_eq!(back.refused_in_row(), 0);
+        assert_eq!(encode_param_optimizer(&o), encode_param_optimizer(&back));
+        // Before the field: version 3 ends the record before it.
+        let mut refused = back.clone();
+        assert!(refused.step(&mut q, &huge, 0.1).is_err());
+        assert_eq!(refused.refused_in_row(), 1);
+        let v3 = codec::encode_as(&refused, 3);
+        assert_eq!(v3.len(), encode_param_optimizer(&refused).len() - 8);
+        assert_eq!(decode_param_optimizer(&v3).unwrap().refused_in_row(), 0);
+    }
+
+    /// A parameter's error that gives up is not hidden in the handle by a later error of the
+    /// same step that does not (the handle keeps one error); another one that gives up, or any
+    /// error after the handle was read, replaces it.
+    #[test]
+    fn handle_keeps_an_error_that_gives_up() {
+        let h = SharedBasisHandle::default();
+        let fatal = PrecondError::LinalgFailure {
+            kernel: "precondition",
+            step: 52,
+            consecutive: 3,
+        };
+        let minor = PrecondError::LinalgFailure {
+            kernel: "block direction",
+            step: 7,
+            consecutive: 1,
+        };
+        h.fail(minor.clone());
+        h.fail_giving_up(fatal.clone(), true);
+        h.fail(minor.clone());
+        h.fail(PrecondError::StateMismatch("x".into()));
+        assert_eq!(h.last_error(), Some(fatal.clone()));
+        assert_eq!(h.stats().failed, 4);
+        let later = PrecondError::LinalgFailure {
+            kernel: "precondition",
+            step: 52,
+            consecutive: 4,
+        };
+        h.fail_giving_up(later.clone(), true);
+        assert_eq!(h.take_last_error(), Some(later));
+        h.fail(minor.clone());
+        assert_eq!(h.take_last_error(), Some(minor));
+        assert_eq!(h.take_last_error(), None);
     }
 
     /// The linear-algebra failure counts survive the codec: a step whose factorizations fail

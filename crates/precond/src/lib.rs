@@ -44,6 +44,6 @@ pub use optimizer::{
 pub use preconditioner::{LinalgHealth, Preconditioner};
 pub use scalar::Scalar;
 pub use schedule::Schedule;
-pub use shared_basis::{RhoMode, SharedBasis, SharedBasisConfig};
+pub use shared_basis::{BlockRidge, RhoMode, SharedBasis, SharedBasisConfig, TUNED_RHO_SCALE};
 pub use view::ParamView;
 pub use weight_decay::{WeightDecayConfig, WeightDecayMode};

@@ -42,18 +42,37 @@
 //!    how many came in a row; a step whose factorizations all succeed resets the run (a step
 //!    that runs none, e.g. Shampoo between root steps, leaves it alone). The counts are part of
 //!    the serialized state.
-//! 3. *Give up.* When the step that just failed makes [`OptimizerConfig::max_linalg_failures`]
-//!    (default 3; 0 = never) failed steps in a row, [`ParamOptimizer::step`] returns
-//!    [`PrecondError::LinalgFailure`] (with `consecutive` = the run's length) and leaves the
-//!    parameter, grafting and momentum buffers and [`ParamOptimizer::steps`] untouched; the
-//!    preconditioner has taken its (kept-state) step. Each further failed step errors again
-//!    until one succeeds.
+//! 3. *Give up.* A step is *refused* when the preconditioner returns
+//!    [`PrecondError::LinalgFailure`] (an overflow, below) or a direction holding NaN or ∞; the
+//!    parameter, grafting and momentum buffers and [`ParamOptimizer::steps`] are then
+//!    untouched and [`ParamOptimizer::step`] returns `LinalgFailure` naming the parameter's step
+//!    (`steps() + 1`, so a refusal repeated at every later step names the same step) and, in
+//!    `consecutive`, the current run of failed steps: the preconditioner's
+//!    [`LinalgHealth::consecutive`] plus [`ParamOptimizer::refused_in_row`], the refused steps
+//!    since the last applied one that the preconditioner did not count itself (a refused step
+//!    whose kernel failed is counted by the preconditioner only). So a refusal that repeats
+//!    reports 1, 2, 3, …; an applied step resets `refused_in_row` to 0 (the count is part of the
+//!    serialized state). A step whose factorizations failed (stage 2) is applied too, unless it
+//!    makes [`OptimizerConfig::max_linalg_failures`] (default 3; 0 = never) failed steps in a
+//!    row (the same run): then it is refused as well, with `consecutive` = the run's length.
+//!    [`OptimizerConfig::gives_up`] says whether an error makes that limit, i.e. whether the
+//!    caller should stop training rather than warn and go on: a refused step below the limit is
+//!    worth a warning, a run at the limit means that parameter is frozen. Each further failed
+//!    step errors again until one is applied.
+//!
+//!    What the preconditioner's state does on a refused step: a preconditioner that refuses
+//!    with `LinalgFailure` has changed nothing (shared-basis also checks its direction before
+//!    committing, so for it every refusal changes nothing), and its step counter stays equal to
+//!    [`ParamOptimizer::steps`]. One that commits its step before its direction turns out
+//!    non-finite (or whose failed factorizations reach the limit) has taken that step: its
+//!    statistics hold the gradient and its own step counter ([`Preconditioner::steps`]) is then
+//!    ahead of [`ParamOptimizer::steps`], which counts applied steps only.
 //!
 //! An overflow is not a factorization failure: a step whose statistics overflow f32 where no
 //! previous state can stand in is refused at once with `LinalgFailure` and changes nothing
 //! (shared-basis, whose A is quartic in g; Block Adam, whose V holds ∞), while Shampoo and Sketchy
 //! keep their previous roots or sketches and count the step as above. A non-finite
-//! preconditioned direction is refused at once too (below).
+//! preconditioned direction is refused at once too (stage 3).
 //!
 //! [`GraftKind::None`]: crate::graft::GraftKind::None
 
@@ -188,10 +207,12 @@ pub struct OptimizerConfig {
     /// a serialized config, it is the default. (The burn adapter's records of version 1 end the
     /// config before it: fields are only ever added at the end.)
     pub nonfinite: NonFinitePolicy,
-    /// After this many failed steps in a row of a parameter's linear algebra (see the module
-    /// docs), [`ParamOptimizer::step`] returns [`PrecondError::LinalgFailure`]; 0 never does.
-    /// Default 3. Absent from a serialized config (burn adapter records of versions 1 and 2), it
-    /// is the default.
+    /// The limit on a parameter's run of failed steps (failed factorizations and refused
+    /// steps in a row, see the module docs): a step whose factorizations failed and that makes
+    /// the run this long is refused with [`PrecondError::LinalgFailure`] rather than applied,
+    /// and [`OptimizerConfig::gives_up`] is true for a refusal that makes it this long. 0 = no
+    /// limit. Default 3. Absent from a serialized config (burn adapter records of versions 1
+    /// and 2), it is the default.
     pub max_linalg_failures: u64,
 }
 
@@ -237,6 +258,19 @@ impl OptimizerConfig {
             return Err(invalid("max_block_size", 0, "must be at least 1"));
         }
         Ok(())
+    }
+
+    /// Whether `err`, returned by [`ParamOptimizer::step`] under this config, means giving up:
+    /// a [`PrecondError::LinalgFailure`] whose `consecutive` run has reached
+    /// [`max_linalg_failures`](Self::max_linalg_failures) (never when that is 0). A training
+    /// loop should stop on it (that parameter no longer moves) and may warn and go on
+    /// otherwise (module docs, "Linear-algebra failures", stage 3).
+    pub fn gives_up(&self, err: &PrecondError) -> bool {
+        let limit = self.max_linalg_failures;
+        match err {
+            PrecondError::LinalgFailure { consecutive, .. } => limit > 0 && *consecutive >= limit,
+            _ => false,
+        }
     }
 }
 
@@ -342,6 +376,11 @@ pub struct ParamOptimizer<P = MethodState> {
     work_a: Vec<f32>,
     #[serde(skip)]
     work_b: Vec<f32>,
+    /// Steps refused in a row since the last applied one, each not already counted by the
+    /// preconditioner's [`LinalgHealth::consecutive`] (module docs, "Linear-algebra
+    /// failures"). Serialized last (absent from states saved before it existed: 0).
+    #[serde(default)]
+    refused_in_row: u64,
 }
 
 impl ParamOptimizer<MethodState> {
@@ -452,6 +491,7 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
             skipped: 0,
             work_a: vec![0.0; n],
             work_b,
+            refused_in_row: 0,
         })
     }
 
@@ -480,9 +520,17 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
         self.precond.as_ref()
     }
 
-    /// Steps taken so far (skipped gradients do not count).
+    /// Steps applied so far (skipped gradients and refused steps do not count; see the module
+    /// docs for how this relates to the preconditioner's own step counter).
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// Steps refused in a row since the last applied step that the preconditioner's
+    /// [`LinalgHealth::consecutive`] does not count (module docs, "Linear-algebra failures",
+    /// stage 3); an applied step resets it. Serialized with the state.
+    pub fn refused_in_row(&self) -> u64 {
+        self.refused_in_row
     }
 
     /// Gradients skipped under [`NonFinitePolicy::Skip`] since this value was built or loaded
@@ -530,11 +578,17 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
     /// non-finite `lr`, NonFiniteGradient (naming the step it would have been) on NaN/∞ in `grad`
     /// under [`NonFinitePolicy::Error`], and any error of the preconditioner.
     ///
-    /// Errors after the preconditioner took its step (the parameter, grafting and momentum
-    /// buffers and [`steps`](Self::steps) are untouched, the preconditioner's state has moved
-    /// on): LinalgFailure when this step's linear algebra failed and that makes
-    /// [`OptimizerConfig::max_linalg_failures`] failed steps in a row (module docs), and
-    /// LinalgFailure when the preconditioner returns a non-finite direction.
+    /// Refused steps (module docs, "Linear-algebra failures", stage 3): LinalgFailure when the
+    /// preconditioner refuses the step, when it returns a direction holding NaN or ∞, or when
+    /// this step's factorizations failed and that makes
+    /// [`OptimizerConfig::max_linalg_failures`] failed steps in a row. The error names step
+    /// `steps() + 1` and, in `consecutive`, the run of failed steps this one ends (the
+    /// preconditioner's [`LinalgHealth::consecutive`] plus
+    /// [`refused_in_row`](Self::refused_in_row), which a refusal the preconditioner did not
+    /// count increments). The parameter, grafting and momentum buffers and
+    /// [`steps`](Self::steps) are untouched; the preconditioner's state is too when it refused
+    /// itself, and has moved on otherwise. [`OptimizerConfig::gives_up`] tells whether the
+    /// error reaches the limit. An applied step resets `refused_in_row`.
     pub fn step(&mut self, param: &mut [f32], grad: &[f32], lr: f32) -> Result<StepOutcome> {
         let n = self.view.numel();
         if param.len() != n || grad.len() != n {
@@ -572,6 +626,7 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
             config,
             work_a,
             work_b,
+            refused_in_row,
             ..
         } = self;
         let update: &mut [f32] = match *path {
@@ -587,26 +642,46 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
                 let (b, m) = (view.rows(), view.blocks());
                 view.gather(grad, MatMut::from_column_major_slice_mut(work_a, b, m))?;
                 let failures_before = p.linalg_health().failures;
-                p.precondition(
+                match p.precondition(
                     MatRef::from_column_major_slice(work_a, b, m),
                     MatMut::from_column_major_slice_mut(work_b, b, m),
-                )?;
+                ) {
+                    Ok(()) => {}
+                    // Refused by the preconditioner, which changed nothing and counted nothing:
+                    // this run of refusals counts it.
+                    Err(PrecondError::LinalgFailure { kernel, .. }) => {
+                        *refused_in_row += 1;
+                        return Err(PrecondError::LinalgFailure {
+                            kernel,
+                            step: t,
+                            consecutive: p.linalg_health().consecutive + *refused_in_row,
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
                 let health = p.linalg_health();
                 let failed_now = health.failures > failures_before;
                 let limit = config.max_linalg_failures;
-                if failed_now && limit > 0 && health.consecutive >= limit {
+                let run = health.consecutive + *refused_in_row;
+                if failed_now && limit > 0 && run >= limit {
+                    // Counted by the preconditioner already.
                     return Err(PrecondError::LinalgFailure {
                         kernel: health.last_kernel.unwrap_or("preconditioner"),
                         step: t,
-                        consecutive: health.consecutive,
+                        consecutive: run,
                     });
                 }
                 view.scatter(MatRef::from_column_major_slice(work_b, b, m), work_a)?;
                 if work_a.iter().any(|x| !x.is_finite()) {
+                    // A step whose kernel failed is counted by the preconditioner; any other
+                    // refused step by this run.
+                    if !failed_now {
+                        *refused_in_row += 1;
+                    }
                     return Err(PrecondError::LinalgFailure {
                         kernel: "precondition",
                         step: t,
-                        consecutive: health.consecutive + u64::from(!failed_now),
+                        consecutive: health.consecutive + *refused_in_row,
                     });
                 }
                 // r into work_b (its matrix content has been scattered to d = work_a).
@@ -633,6 +708,7 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
         momentum.apply(update)?;
         config.weight_decay.apply_step(param, update, lr);
         self.step = t;
+        self.refused_in_row = 0;
         Ok(StepOutcome::Applied)
     }
 }
@@ -646,13 +722,19 @@ mod tests {
 
     /// Test-only preconditioner: per-block (column) Adagrad on the block norm,
     /// d_i = −g_i / (sqrt(Σ_t ‖g_i‖²) + c), plus a fixed per-row weight so that the direction
-    /// is not parallel to g and depends on the view's row order.
+    /// is not parallel to g and depends on the view's row order. Faults on demand: `poison`
+    /// writes NaN directions after committing the step; `refuse` refuses the step with
+    /// [`LinalgHealth::refusal`] and changes nothing; `fail_kernel` records a failed kernel in
+    /// `health` (the previous state "kept") and still writes the usual direction.
     #[derive(Clone, Debug, Serialize, Deserialize)]
     struct BlockNorm {
         acc: Vec<f64>,
         c: f64,
         calls: u64,
         poison: bool,
+        refuse: bool,
+        fail_kernel: bool,
+        health: LinalgHealth,
     }
 
     impl BlockNorm {
@@ -662,6 +744,9 @@ mod tests {
                 c: 0.5,
                 calls: 0,
                 poison: false,
+                refuse: false,
+                fail_kernel: false,
+                health: LinalgHealth::default(),
             }
         }
     }
@@ -676,6 +761,11 @@ mod tests {
             grad: MatRef<'_, f32>,
             mut direction: MatMut<'_, f32>,
         ) -> Result<()> {
+            if self.refuse {
+                return Err(self.health.refusal("test refusal", self.calls + 1));
+            }
+            self.health
+                .record(self.fail_kernel.then_some("test kernel"));
             for j in 0..grad.ncols() {
                 let s: f64 = (0..grad.nrows())
                     .map(|i| (grad[(i, j)] as f64).powi(2))
@@ -694,6 +784,9 @@ mod tests {
         }
         fn steps(&self) -> u64 {
             self.calls
+        }
+        fn linalg_health(&self) -> LinalgHealth {
+            self.health
         }
     }
 
@@ -1111,6 +1204,305 @@ mod tests {
         ));
         assert_eq!(p, init_param(12));
         assert_eq!(o.steps(), 0);
+    }
+
+    /// The grafting and momentum buffers as JSON (serde_json writes every f32 exactly).
+    fn buffers<P>(o: &ParamOptimizer<P>) -> (String, String) {
+        (
+            serde_json::to_string(&o.graft).unwrap(),
+            serde_json::to_string(&o.momentum).unwrap(),
+        )
+    }
+
+    fn linalg_failure(kernel: &'static str, step: u64, consecutive: u64) -> PrecondError {
+        PrecondError::LinalgFailure {
+            kernel,
+            step,
+            consecutive,
+        }
+    }
+
+    /// Fault injection (issue 21): a preconditioner whose direction comes out NaN at four steps
+    /// in a row. Each refused step leaves the parameter and the grafting and momentum buffers
+    /// bitwise as they were and `steps()` at 2; the errors name step 3 with runs 1, 2, 3, 4, and
+    /// under the default limit 3 `gives_up` is false for the first two and true from the third.
+    /// A clean step then applies (step 3) and resets the run; the next NaN direction starts a
+    /// new run at 1.
+    #[test]
+    fn non_finite_directions_escalate_and_an_applied_step_resets() {
+        let cfg = OptimizerConfig::default();
+        assert_eq!(cfg.max_linalg_failures, 3);
+        let mut o = with_block_norm(&cfg, &[4, 3], None);
+        let gs = grads(12, 8, 41);
+        let mut p = init_param(12);
+        for g in &gs[..2] {
+            assert_eq!(o.step(&mut p, g, 0.1), Ok(StepOutcome::Applied));
+        }
+        let (p_before, bufs_before) = (bits(&p), buffers(&o));
+        o.precond.as_mut().unwrap().poison = true;
+        for (i, g) in gs[2..6].iter().enumerate() {
+            let run = i as u64 + 1;
+            let e = o.step(&mut p, g, 0.1).unwrap_err();
+            assert_eq!(e, linalg_failure("precondition", 3, run));
+            assert_eq!(cfg.gives_up(&e), run >= 3, "run {run}");
+            assert_eq!(bits(&p), p_before, "run {run}: the parameter moved");
+            assert_eq!(
+                buffers(&o),
+                bufs_before,
+                "run {run}: grafting or momentum moved"
+            );
+            assert_eq!(o.steps(), 2);
+            assert_eq!(o.refused_in_row(), run);
+            // BlockNorm commits before its direction is checked: its own counter moves on.
+            assert_eq!(o.preconditioner().unwrap().calls, 2 + run);
+        }
+        assert!(!cfg.gives_up(&linalg_failure("precondition", 3, 2)));
+        o.precond.as_mut().unwrap().poison = false;
+        assert_eq!(o.step(&mut p, &gs[6], 0.1), Ok(StepOutcome::Applied));
+        assert_ne!(bits(&p), p_before);
+        assert!(p.iter().all(|v| v.is_finite()));
+        assert_eq!((o.steps(), o.refused_in_row()), (3, 0));
+        assert_ne!(buffers(&o), bufs_before);
+        o.precond.as_mut().unwrap().poison = true;
+        let e = o.step(&mut p, &gs[7], 0.1).unwrap_err();
+        assert_eq!(e, linalg_failure("precondition", 4, 1));
+        assert!(!cfg.gives_up(&e));
+    }
+
+    /// With `max_linalg_failures` 0 no run gives up (the errors still count up), and
+    /// `gives_up` is false for every error that is not a LinalgFailure.
+    #[test]
+    fn without_a_limit_nothing_gives_up() {
+        let unlimited = OptimizerConfig {
+            max_linalg_failures: 0,
+            ..Default::default()
+        };
+        let mut o = with_block_norm(&unlimited, &[4, 3], None);
+        o.precond.as_mut().unwrap().poison = true;
+        let gs = grads(12, 6, 42);
+        let mut p = init_param(12);
+        for (i, g) in gs.iter().enumerate() {
+            let e = o.step(&mut p, g, 0.1).unwrap_err();
+            assert_eq!(e, linalg_failure("precondition", 1, i as u64 + 1));
+            assert!(!unlimited.gives_up(&e), "run {}", i + 1);
+            // The same error under the default limit would.
+            assert_eq!(OptimizerConfig::default().gives_up(&e), i + 1 >= 3);
+        }
+        assert_eq!((o.steps(), o.refused_in_row()), (0, 6));
+        assert_eq!(p, init_param(12));
+        let limited = OptimizerConfig::default();
+        assert!(limited.gives_up(&linalg_failure("x", 9, 3)));
+        assert!(limited.gives_up(&linalg_failure("x", 9, 100)));
+        assert!(!limited.gives_up(&linalg_failure("x", 9, 2)));
+        for other in [
+            PrecondError::NonFiniteGradient {
+                step: 5,
+                param: None,
+            },
+            PrecondError::StateMismatch("x".into()),
+            PrecondError::ShapeMismatch {
+                expected: "a".into(),
+                got: "b".into(),
+            },
+            invalid("lr", f32::NAN, "must be finite"),
+        ] {
+            assert!(!limited.gives_up(&other), "{other:?}");
+        }
+    }
+
+    /// A preconditioner that refuses (returns LinalgFailure, changing nothing) at every step
+    /// from step 3: the errors name step 3 with runs 1, 2, 3, 4 (the preconditioner's own
+    /// error says 1 each time), giving up from the third; nothing moves, not even the
+    /// preconditioner, and the next clean step is bitwise the one of a twin that never saw the
+    /// refusals. A run the preconditioner already started (its `consecutive` 1) continues: 2,
+    /// 3. A failed kernel is counted once: refusal (run 1), failed kernel applied (run 2, which
+    /// resets the refusals), refusal (run 2), failed kernel at run 3 = the limit: refused; a
+    /// failed kernel with a NaN direction counts once (runs 1, 2, then 3 = the limit).
+    /// Non-refusal errors (a non-finite gradient) count nothing.
+    #[test]
+    fn repeated_refusals_escalate_and_change_nothing() {
+        let cfg = OptimizerConfig::default();
+        let mut o = with_block_norm(&cfg, &[4, 3], None);
+        let gs = grads(12, 6, 43);
+        let mut p = init_param(12);
+        for g in &gs[..2] {
+            o.step(&mut p, g, 0.1).unwrap();
+        }
+        let mut twin = o.clone();
+        let (p_before, bufs_before) = (bits(&p), buffers(&o));
+        o.precond.as_mut().unwrap().refuse = true;
+        for (i, g) in gs[2..].iter().enumerate() {
+            let run = i as u64 + 1;
+            let e = o.step(&mut p, g, 0.1).unwrap_err();
+            assert_eq!(e, linalg_failure("test refusal", 3, run));
+            assert_eq!(cfg.gives_up(&e), run >= 3, "run {run}");
+            assert_eq!(bits(&p), p_before);
+            assert_eq!(buffers(&o), bufs_before);
+            assert_eq!((o.steps(), o.refused_in_row()), (2, run));
+            assert_eq!(o.preconditioner().unwrap().calls, 2);
+            // Not a refusal: counts nothing.
+            let mut bad = g.clone();
+            bad[0] = f32::NAN;
+            assert!(matches!(
+                o.step(&mut p, &bad, 0.1),
+                Err(PrecondError::NonFiniteGradient { step: 3, .. })
+            ));
+            assert_eq!(o.refused_in_row(), run);
+        }
+        o.precond.as_mut().unwrap().refuse = false;
+        let mut q = p.clone();
+        assert_eq!(o.step(&mut p, &gs[2], 0.1), Ok(StepOutcome::Applied));
+        twin.step(&mut q, &gs[2], 0.1).unwrap();
+        assert_eq!(bits(&p), bits(&q));
+        assert_eq!(buffers(&o), buffers(&twin));
+        assert_eq!((o.steps(), o.refused_in_row()), (3, 0));
+
+        // The preconditioner's own run adds in.
+        o.precond.as_mut().unwrap().health.consecutive = 1;
+        o.precond.as_mut().unwrap().refuse = true;
+        let e = o.step(&mut p, &gs[3], 0.1).unwrap_err();
+        assert_eq!(e, linalg_failure("test refusal", 4, 2));
+        assert!(!cfg.gives_up(&e));
+        let e = o.step(&mut p, &gs[3], 0.1).unwrap_err();
+        assert_eq!(e, linalg_failure("test refusal", 4, 3));
+        assert!(cfg.gives_up(&e));
+
+        // Refusals and failed kernels in one run.
+        let mut o = with_block_norm(&cfg, &[4, 3], None);
+        let mut p = init_param(12);
+        o.step(&mut p, &gs[0], 0.1).unwrap();
+        let pre = |o: &mut ParamOptimizer<BlockNorm>, refuse: bool, fail: bool| {
+            let b = o.precond.as_mut().unwrap();
+            (b.refuse, b.fail_kernel) = (refuse, fail);
+        };
+        pre(&mut o, true, false);
+        assert_eq!(
+            o.step(&mut p, &gs[1], 0.1),
+            Err(linalg_failure("test refusal", 2, 1))
+        );
+        pre(&mut o, false, true);
+        assert_eq!(o.step(&mut p, &gs[1], 0.1), Ok(StepOutcome::Applied));
+        assert_eq!(
+            (o.consecutive_linalg_failures(), o.refused_in_row()),
+            (1, 0)
+        );
+        pre(&mut o, true, false);
+        assert_eq!(
+            o.step(&mut p, &gs[2], 0.1),
+            Err(linalg_failure("test refusal", 3, 2))
+        );
+        pre(&mut o, false, true);
+        let before = bits(&p);
+        let e = o.step(&mut p, &gs[2], 0.1).unwrap_err();
+        assert_eq!(e, linalg_failure("test kernel", 3, 3));
+        assert!(cfg.gives_up(&e));
+        assert_eq!(bits(&p), before);
+        // Counted by the preconditioner (2 in a row), not as a refusal.
+        assert_eq!(
+            (o.consecutive_linalg_failures(), o.refused_in_row()),
+            (2, 1)
+        );
+        // A failed kernel whose direction is NaN too is counted once, by the preconditioner:
+        // runs 1 and 2 are refused for the direction, run 3 for the limit.
+        let mut o = with_block_norm(&cfg, &[4, 3], None);
+        let mut p = init_param(12);
+        let b = o.precond.as_mut().unwrap();
+        (b.poison, b.fail_kernel) = (true, true);
+        for run in 1..=2 {
+            let e = o.step(&mut p, &gs[run as usize], 0.1).unwrap_err();
+            assert_eq!(e, linalg_failure("precondition", 1, run));
+            assert_eq!(
+                (o.consecutive_linalg_failures(), o.refused_in_row()),
+                (run, 0)
+            );
+        }
+        let e = o.step(&mut p, &gs[3], 0.1).unwrap_err();
+        assert_eq!(e, linalg_failure("test kernel", 1, 3));
+        assert!(cfg.gives_up(&e));
+        assert_eq!(p, init_param(12));
+    }
+
+    /// A real refusal: Block Adam refuses a step whose second moment overflows f32 (an entry
+    /// of 1e20, finite itself) and changes nothing. Repeated at steps 3, 4, 5 it reports runs
+    /// 1, 2, 3 for step 3 and gives up at the third; the preconditioner's counter stays at 2
+    /// with `steps()`, and a clean step continues exactly as a twin that never saw them.
+    #[test]
+    fn block_adam_overflow_refusals_escalate() {
+        use crate::block_diag::BlockAdamConfig;
+        let cfg = OptimizerConfig {
+            method: Method::BlockAdam(BlockAdamConfig {
+                block_size: 4,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut o = ParamOptimizer::new(&cfg, &[6, 5], None, false).unwrap();
+        let gs = grads(30, 4, 44);
+        let mut p = init_param(30);
+        for g in &gs[..2] {
+            o.step(&mut p, g, 0.05).unwrap();
+        }
+        let mut twin = o.clone();
+        let p_before = bits(&p);
+        let mut huge = gs[2].clone();
+        huge[7] = 1e20;
+        for run in 1..=3u64 {
+            let e = o.step(&mut p, &huge, 0.05).unwrap_err();
+            let PrecondError::LinalgFailure {
+                step, consecutive, ..
+            } = e
+            else {
+                panic!("run {run}: {e:?}")
+            };
+            assert_eq!((step, consecutive), (3, run));
+            assert_eq!(cfg.gives_up(&e), run == 3);
+            assert_eq!(bits(&p), p_before);
+            assert_eq!(o.steps(), 2);
+            assert_eq!(Preconditioner::steps(o.preconditioner().unwrap()), 2);
+            assert_eq!(o.refused_in_row(), run);
+        }
+        let mut q = p.clone();
+        o.step(&mut p, &gs[3], 0.05).unwrap();
+        twin.step(&mut q, &gs[3], 0.05).unwrap();
+        assert_eq!(bits(&p), bits(&q));
+        assert_eq!(
+            serde_json::to_value(&o).unwrap(),
+            serde_json::to_value(&twin).unwrap()
+        );
+    }
+
+    /// The run of refusals is part of the serialized state: after two refused steps a JSON
+    /// copy holds `refused_in_row` 2, and its next refusal reports run 3 and gives up, as the
+    /// original's does. A state saved before the field existed loads with 0.
+    #[test]
+    fn refused_in_row_survives_serde() {
+        let cfg = OptimizerConfig::default();
+        let mut o = with_block_norm(&cfg, &[4, 3], None);
+        let gs = grads(12, 3, 45);
+        let mut p = init_param(12);
+        o.step(&mut p, &gs[0], 0.1).unwrap();
+        o.precond.as_mut().unwrap().refuse = true;
+        for _ in 0..2 {
+            assert!(o.step(&mut p, &gs[1], 0.1).is_err());
+        }
+        let value = serde_json::to_value(&o).unwrap();
+        assert_eq!(value["refused_in_row"], 2);
+        let mut back: ParamOptimizer<BlockNorm> = serde_json::from_value(value.clone()).unwrap();
+        assert_eq!((back.steps(), back.refused_in_row()), (1, 2));
+        let mut q = p.clone();
+        for opt in [&mut o, &mut back] {
+            let e = opt.step(&mut q, &gs[1], 0.1).unwrap_err();
+            assert_eq!(e, linalg_failure("test refusal", 2, 3));
+            assert!(cfg.gives_up(&e));
+        }
+        let mut old = value;
+        assert!(old
+            .as_object_mut()
+            .unwrap()
+            .remove("refused_in_row")
+            .is_some());
+        let old: ParamOptimizer<BlockNorm> = serde_json::from_value(old).unwrap();
+        assert_eq!(old.refused_in_row(), 0);
     }
 
     /// One configuration per method (small shapes, settings under which a wrongly advanced step

@@ -739,3 +739,241 @@ fn linalg_counts_survive_serde_and_old_states_load() {
         assert_eq!(back.linalg_health().consecutive, 0);
     });
 }
+
+// ---- Lost-mass policies ([`RhoMode`] beyond the paper's norm, and the multiplier) ----
+
+/// The step's residual E_i = M_i − B_t R_i B_tᵀ formed densely in f64 (β2 = 1), from the state
+/// before the step (`old`), the state after it (`new`) and the gradient column `g`.
+fn dense_residual(
+    old: &SharedBasis<f64>,
+    new: &SharedBasis<f64>,
+    i: usize,
+    g: MatRef<'_, f64>,
+) -> Mat<f64> {
+    let (b_old, b_new) = (old.basis(), new.basis());
+    let m_i = b_old * old.coeffs(i) * b_old.transpose() + g * g.transpose();
+    m_i - b_new * new.coeffs(i) * b_new.transpose()
+}
+
+fn spectral_norm(e: &Mat<f64>) -> f64 {
+    let (vals, _) = sym_eig(e.as_ref()).unwrap();
+    vals[0].abs().max(vals[vals.len() - 1].abs())
+}
+
+#[test]
+fn every_lost_mass_policy_is_exact_block_adagrad_at_full_rank() {
+    // At k = b the residual is λ_min(R̃_i)·I: every policy's increment is λ_min, so ρ collects
+    // exactly what the shrink removed and the direction is exact block Adagrad's.
+    let (b, m, steps, eps) = (6, 5, 25, 1e-3);
+    for rho in [
+        RhoMode::FrequentDirections,
+        RhoMode::RandomStart(1),
+        RhoMode::RandomStart(4),
+        RhoMode::Rayleigh,
+    ] {
+        let mut state = SharedBasis::<f64>::new(config(b, rho, eps), b, m).unwrap();
+        let mut stream = Stream::new(b, m, 3, 0.3, 2.0, 7);
+        let mut stats = vec![Mat::<f64>::zeros(b, b); m];
+        let mut dir = Mat::<f64>::zeros(b, m);
+        let mut worst = 0.0f64;
+        for _ in 0..steps {
+            let g = stream.next();
+            state.precondition(g.as_ref(), dir.as_mut()).unwrap();
+            for i in 0..m {
+                outer_add(&mut stats[i], g.col(i).as_mat());
+                let want = inv_root_apply(&stats[i], eps, g.col(i).as_mat());
+                worst = worst.max(max_rel_err(dir.col(i).as_mat(), want.as_ref()));
+            }
+        }
+        assert!(worst <= 1e-6, "{rho:?}: max relative error {worst:e}");
+    }
+}
+
+#[test]
+fn frequent_directions_increment_matches_its_dense_definition_and_conserves_mass() {
+    // δ_i = λ_min(B_tᵀ M_i B_t) + |(I − B_t B_tᵀ) g_i|² from dense f64 matrices, and
+    // tr(B R_i Bᵀ) + ρ_i ≤ Σ_t |g_i|² at every step.
+    for (b, m, k, p) in [(12, 5, 3, 0), (20, 6, 4, 2)] {
+        let cfg = SharedBasisConfig {
+            oversample: p,
+            ..config(k, RhoMode::FrequentDirections, 1e-8)
+        };
+        let mut state = SharedBasis::<f64>::new(cfg, b, m).unwrap();
+        let mut stream = Stream::new(b, m, 2, 0.3, 1.0, 13);
+        let mut dir = Mat::<f64>::zeros(b, m);
+        let mut energy = vec![0.0f64; m];
+        let (mut worst_incr, mut worst_mass) = (0.0f64, f64::NEG_INFINITY);
+        for _ in 0..30 {
+            let g = stream.next();
+            let old = state.clone();
+            state.precondition(g.as_ref(), dir.as_mut()).unwrap();
+            let bt = state.basis();
+            for i in 0..m {
+                let gi = g.col(i).as_mat();
+                let b_old = old.basis();
+                let m_i = b_old * old.coeffs(i) * b_old.transpose() + gi * gi.transpose();
+                let tilde = bt.transpose() * &m_i * bt;
+                let (vals, _) = sym_eig(tilde.as_ref()).unwrap();
+                let outside = gi - bt * (bt.transpose() * gi);
+                let want = vals[0].max(0.0) + outside.squared_norm_l2();
+                let got = state.lost_mass()[i] - old.lost_mass()[i];
+                let scale = gi.squared_norm_l2().max(1e-300);
+                worst_incr = worst_incr.max((got - want).abs() / scale);
+                energy[i] += gi.squared_norm_l2();
+                let trace: f64 = (0..k).map(|j| state.coeffs(i)[(j, j)]).sum();
+                worst_mass = worst_mass.max((trace + state.lost_mass()[i]) / energy[i] - 1.0);
+            }
+        }
+        assert!(
+            worst_incr <= 1e-9,
+            "(b={b}, k={k}): increment error {worst_incr:e}"
+        );
+        assert!(
+            worst_mass <= 1e-9,
+            "(b={b}, k={k}): mass excess {worst_mass:e}"
+        );
+    }
+}
+
+#[test]
+fn random_start_and_rayleigh_increments_lie_between_zero_and_the_exact_norm() {
+    let (b, m, k) = (24, 40, 4);
+    for rho in [
+        RhoMode::RandomStart(1),
+        RhoMode::RandomStart(3),
+        RhoMode::Rayleigh,
+    ] {
+        let mut state = SharedBasis::<f64>::new(config(k, rho, 1e-8), b, m).unwrap();
+        let mut stream = Stream::new(b, m, 3, 0.3, 1.0, 17);
+        let mut dir = Mat::<f64>::zeros(b, m);
+        // For one step from a Gaussian x ∈ ℝ^b, E|E x|² / E|x|² ≈ ‖E‖_F² / b: the mean of
+        // δ_i² b / ‖E_i‖_F² over many blocks and steps is near 1 (far from it if the start
+        // lived in the residual's (k + r + 1)-dimensional span only).
+        let (mut ratio_sum, mut count) = (0.0f64, 0usize);
+        for step in 0..12 {
+            let g = stream.next();
+            let old = state.clone();
+            state.precondition(g.as_ref(), dir.as_mut()).unwrap();
+            for i in 0..m {
+                let e = dense_residual(&old, &state, i, g.col(i).as_mat());
+                let exact = spectral_norm(&e);
+                let got = state.lost_mass()[i] - old.lost_mass()[i];
+                assert!(
+                    got >= 0.0 && got <= exact * (1.0 + 1e-9) + 1e-300,
+                    "{rho:?} step {step} block {i}: increment {got:e}, exact norm {exact:e}"
+                );
+                if rho == RhoMode::RandomStart(1) && step > 0 {
+                    ratio_sum += got * got * b as f64 / e.squared_norm_l2();
+                    count += 1;
+                }
+            }
+        }
+        if count > 0 {
+            let mean = ratio_sum / count as f64;
+            assert!(
+                (0.75..1.33).contains(&mean),
+                "one random-start step: mean δ² b / ‖E‖_F² = {mean}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_ridge_does_not_feed_back_so_rho_scale_scales_it_exactly() {
+    // ρ enters only the direction (eq. 6), never the basis or the R_i: runs with multipliers s
+    // and 1 see the same increments, so ρ(s) = s·ρ(1) up to rounding, and s = 0 leaves ε alone.
+    let (b, m, k) = (16, 6, 3);
+    for rho in [RhoMode::PowerIteration(10), RhoMode::FrequentDirections] {
+        let mut unit = SharedBasis::<f64>::new(config(k, rho, 1e-6), b, m).unwrap();
+        let scaled_cfg = |s| SharedBasisConfig {
+            rho_scale: s,
+            ..config(k, rho, 1e-6)
+        };
+        let mut tenth = SharedBasis::<f64>::new(scaled_cfg(0.1), b, m).unwrap();
+        let mut zero = SharedBasis::<f64>::new(scaled_cfg(0.0), b, m).unwrap();
+        let mut stream = Stream::new(b, m, 2, 0.3, 1.0, 19);
+        let mut dir = Mat::<f64>::zeros(b, m);
+        for _ in 0..15 {
+            let g = stream.next();
+            unit.precondition(g.as_ref(), dir.as_mut()).unwrap();
+            tenth.precondition(g.as_ref(), dir.as_mut()).unwrap();
+            zero.precondition(g.as_ref(), dir.as_mut()).unwrap();
+        }
+        assert_eq!(unit.basis(), tenth.basis());
+        for i in 0..m {
+            let (one, s) = (unit.lost_mass()[i], tenth.lost_mass()[i]);
+            assert!(one > 0.0);
+            assert!(
+                (s - 0.1 * one).abs() <= 1e-12 * one,
+                "{rho:?} block {i}: {s} vs {one}"
+            );
+            assert_eq!(zero.lost_mass()[i], 0.0);
+        }
+    }
+}
+
+#[test]
+fn lost_mass_settings_are_validated_and_old_configs_load_with_unit_scale() {
+    for bad in [-1e-3, f64::NAN, f64::INFINITY] {
+        let cfg = SharedBasisConfig {
+            rho_scale: bad,
+            ..Default::default()
+        };
+        assert!(matches!(
+            SharedBasis::<f32>::new(cfg, 4, 3),
+            Err(PrecondError::InvalidConfig {
+                field: "rho_scale",
+                ..
+            })
+        ));
+    }
+    let cfg = config(2, RhoMode::RandomStart(0), 1e-6);
+    assert!(matches!(
+        SharedBasis::<f32>::new(cfg, 4, 3),
+        Err(PrecondError::InvalidConfig {
+            field: "rho_iters",
+            ..
+        })
+    ));
+    let mut json = serde_json::to_value(SharedBasisConfig::default()).unwrap();
+    json.as_object_mut().unwrap().remove("rho_scale");
+    let old: SharedBasisConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(old, SharedBasisConfig::default());
+    assert_eq!(old.rho_scale, 1.0);
+    assert!(RhoMode::Exact.dominates() && !RhoMode::FrequentDirections.dominates());
+}
+
+#[test]
+fn ridge_report_and_captured_energy_match_dense_references() {
+    let (b, m, k) = (14, 6, 3);
+    let mut state =
+        SharedBasis::<f64>::new(config(k, RhoMode::PowerIteration(10), 1e-6), b, m).unwrap();
+    let mut stream = Stream::new(b, m, 2, 0.3, 1.0, 23);
+    let mut dir = Mat::<f64>::zeros(b, m);
+    let first = stream.next();
+    assert_eq!(state.captured_energy(first.as_ref()).unwrap(), 0.0);
+    state.precondition(first.as_ref(), dir.as_mut()).unwrap();
+    for _ in 0..10 {
+        let g = stream.next();
+        // Σ_i |Bᵀ g_i|² / Σ_i |g_i|² with the basis built so far.
+        let basis = state.basis();
+        let want = (basis.transpose() * &g).squared_norm_l2() / g.squared_norm_l2();
+        let got = state.captured_energy(g.as_ref()).unwrap();
+        assert!((got - want).abs() <= 1e-12, "{got} vs {want}");
+        assert!(got > 0.0 && got < 1.0);
+        state.precondition(g.as_ref(), dir.as_mut()).unwrap();
+    }
+    let report = state.ridge_report().unwrap();
+    assert_eq!(report.len(), m);
+    for (i, line) in report.iter().enumerate() {
+        let (vals, _) = sym_eig(state.coeffs(i)).unwrap();
+        let rho = state.lost_mass()[i];
+        assert_eq!(line.lost_mass, rho);
+        assert!((line.top - vals[k - 1]).abs() <= 1e-12 * vals[k - 1].abs().max(1.0));
+        assert_eq!(line.above_ridge, vals.iter().filter(|&&l| l > rho).count());
+    }
+    assert!(matches!(
+        state.captured_energy(Mat::<f64>::zeros(b, m + 1).as_ref()),
+        Err(PrecondError::ShapeMismatch { .. })
+    ));
+}

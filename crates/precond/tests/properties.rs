@@ -409,6 +409,7 @@ fn shared_basis_config() -> impl Strategy<Value = SharedBasisConfig> {
                 eps,
                 beta2,
                 seed,
+                rho_scale: 1.0,
             },
         )
 }

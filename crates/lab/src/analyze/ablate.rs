@@ -529,7 +529,11 @@ fn train_one(
             Ok(Found::Complete(summary))
         }
         Ok(_) => Ok(Found::Partial),
-        Err(e @ (TrainError::Diverged { .. } | TrainError::NonFinite { .. })) => {
+        Err(
+            e @ (TrainError::Diverged { .. }
+            | TrainError::NonFinite { .. }
+            | TrainError::LinalgFailure { .. }),
+        ) => {
             eprintln!("{}: diverged: {e}", run.dir.display());
             let record = json!({
                 "error": e.to_string(),

@@ -12,6 +12,7 @@
 
 pub mod ablate;
 pub mod blocks;
+pub mod direction;
 pub mod features;
 pub mod plot;
 pub mod regret;
@@ -56,6 +57,9 @@ pub enum AnalyzeTask {
     /// Regret of diagonal, block-diagonal, shared-basis and full-matrix Adagrad on an online
     /// convex problem, with Theorem 2's two sides (paper Theorems 1–2)
     Regret(regret::RegretArgs),
+    /// Each lost-mass policy's direction against exact block Adagrad: ridge ρ_i over λ_max(R_i),
+    /// eigenvalues above the ridge, captured energy and cosines on real gradient streams
+    Direction(direction::DirectionArgs),
 }
 
 /// Why an analysis could not run.
@@ -84,6 +88,7 @@ pub fn command(task: &AnalyzeTask, stop: &AtomicBool) -> Result<(), AnalyzeError
         AnalyzeTask::Sharing(args) => sharing::run(args, stop),
         AnalyzeTask::Ablate(args) => ablate::run(args, stop),
         AnalyzeTask::Regret(args) => regret::run(args, stop),
+        AnalyzeTask::Direction(args) => direction::run(args, stop),
     }
 }
 

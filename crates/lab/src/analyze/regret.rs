@@ -326,6 +326,7 @@ impl Config {
             "rho": match self.rho {
                 RhoMode::Exact => "exact".to_string(),
                 RhoMode::PowerIteration(n) => format!("power iteration ({n})"),
+                other => format!("{other:?}"),
             },
             "seed": self.seed,
         })
