@@ -61,11 +61,10 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde_json::json;
 
-use super::{create_dir, write_csv, write_json, AnalyzeError, Layer, Loaded, ModelArgs};
-
-/// Bytes of recorded gradients (f64) held at once: layers are streamed in groups under this,
-/// each group re-running the same seeded T Adam steps from θ.
-const STREAM_BUDGET_BYTES: usize = 1 << 30;
+use super::{
+    create_dir, select_layers, stream_groups, write_csv, write_json, AnalyzeError, Layer, Loaded,
+    ModelArgs,
+};
 
 /// The CSV's columns.
 const HEADER: [&str; 9] = [
@@ -589,64 +588,6 @@ impl Settings {
     }
 }
 
-/// The layers studied: `names` in the order given, or all dense layers (--quick: the two with
-/// the fewest weights, in model order).
-fn select_layers(
-    loaded: &Loaded,
-    names: &[String],
-    quick: bool,
-) -> Result<Vec<Layer>, AnalyzeError> {
-    if !names.is_empty() {
-        let mut layers: Vec<Layer> = Vec::with_capacity(names.len());
-        for name in names {
-            let layer = loaded.layer(name.trim())?;
-            if layers.iter().any(|l| l.name == layer.name) {
-                return Err(AnalyzeError::Invalid(format!(
-                    "analyze direction: --layers names {:?} twice",
-                    layer.name
-                )));
-            }
-            layers.push(layer);
-        }
-        return Ok(layers);
-    }
-    let all = loaded.layers();
-    if all.is_empty() {
-        return Err(AnalyzeError::Invalid(
-            "analyze direction: the model has no dense layer".into(),
-        ));
-    }
-    if !quick {
-        return Ok(all);
-    }
-    let mut by_size: Vec<usize> = (0..all.len()).collect();
-    by_size.sort_by_key(|&i| (all[i].d_in * all[i].d_out, i));
-    by_size.truncate(2);
-    by_size.sort_unstable();
-    Ok(by_size.into_iter().map(|i| all[i].clone()).collect())
-}
-
-/// Consecutive groups of layers whose recorded streams (T f64 gradients each) fit
-/// [`STREAM_BUDGET_BYTES`] (a larger layer is a group of its own).
-fn stream_groups(layers: &[Layer], steps: usize) -> Vec<Vec<Layer>> {
-    let mut groups: Vec<Vec<Layer>> = Vec::new();
-    let mut bytes = 0usize;
-    for layer in layers {
-        let need = layer.d_in * layer.d_out * steps * std::mem::size_of::<f64>();
-        match groups.last_mut() {
-            Some(group) if bytes + need <= STREAM_BUDGET_BYTES => {
-                group.push(layer.clone());
-                bytes += need;
-            }
-            _ => {
-                groups.push(vec![layer.clone()]);
-                bytes = need;
-            }
-        }
-    }
-    groups
-}
-
 /// A CSV / table cell: the number, or blank.
 fn cell(v: Option<f64>) -> String {
     v.map_or_else(String::new, |v| format!("{v}"))
@@ -821,7 +762,7 @@ pub fn run(args: &DirectionArgs, stop: &AtomicBool) -> Result<(), AnalyzeError> 
     } else {
         loaded.config().batch_size
     });
-    let layers = select_layers(&loaded, &args.layers, args.quick)?;
+    let layers = select_layers("direction", &loaded, &args.layers, args.quick)?;
     eprintln!(
         "analyze direction: {} layer(s), T = {} steps of batch {batch_size}, rank {}, policies {}",
         layers.len(),
@@ -1160,7 +1101,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("direction");
         let loaded = super::super::test_support::quick_autoencoder(tmp.path(), &out);
-        let expected_layers: Vec<Layer> = select_layers(&loaded, &[], true).unwrap();
+        let expected_layers: Vec<Layer> = select_layers("direction", &loaded, &[], true).unwrap();
         drop(loaded);
         let args = DirectionArgs {
             model: ModelArgs {

@@ -433,6 +433,69 @@ impl Loaded {
     }
 }
 
+/// Bytes of recorded gradients (f64) held at once: layers are streamed in groups under this,
+/// each group re-running the same seeded T Adam steps from θ.
+pub const STREAM_BUDGET_BYTES: usize = 1 << 30;
+
+/// The layers studied: `names` in the order given, or all dense layers (--quick: the two with
+/// the fewest weights, in model order). `command` names the subcommand in errors.
+pub fn select_layers(
+    command: &str,
+    loaded: &Loaded,
+    names: &[String],
+    quick: bool,
+) -> Result<Vec<Layer>, AnalyzeError> {
+    if !names.is_empty() {
+        let mut layers: Vec<Layer> = Vec::with_capacity(names.len());
+        for name in names {
+            let layer = loaded.layer(name.trim())?;
+            if layers.iter().any(|l| l.name == layer.name) {
+                return Err(AnalyzeError::Invalid(format!(
+                    "analyze {command}: --layers names {:?} twice",
+                    layer.name
+                )));
+            }
+            layers.push(layer);
+        }
+        return Ok(layers);
+    }
+    let all = loaded.layers();
+    if all.is_empty() {
+        return Err(AnalyzeError::Invalid(format!(
+            "analyze {command}: the model has no dense layer"
+        )));
+    }
+    if !quick {
+        return Ok(all);
+    }
+    let mut by_size: Vec<usize> = (0..all.len()).collect();
+    by_size.sort_by_key(|&i| (all[i].d_in * all[i].d_out, i));
+    by_size.truncate(2);
+    by_size.sort_unstable();
+    Ok(by_size.into_iter().map(|i| all[i].clone()).collect())
+}
+
+/// Consecutive groups of layers whose recorded streams (T f64 gradients each) fit
+/// [`STREAM_BUDGET_BYTES`] (a larger layer is a group of its own).
+pub fn stream_groups(layers: &[Layer], steps: usize) -> Vec<Vec<Layer>> {
+    let mut groups: Vec<Vec<Layer>> = Vec::new();
+    let mut bytes = 0usize;
+    for layer in layers {
+        let need = layer.d_in * layer.d_out * steps * std::mem::size_of::<f64>();
+        match groups.last_mut() {
+            Some(group) if bytes + need <= STREAM_BUDGET_BYTES => {
+                group.push(layer.clone());
+                bytes += need;
+            }
+            _ => {
+                groups.push(vec![layer.clone()]);
+                bytes = need;
+            }
+        }
+    }
+    groups
+}
+
 /// Trains the brief Adam run of `args` into `dir`.
 fn brief_run(args: &ModelArgs, quick: bool, dir: &Path) -> Result<(), AnalyzeError> {
     let tagger = args.task == TaskKind::Tagger;

@@ -69,14 +69,13 @@ use precond::{Preconditioner, SharedBasis, SharedBasisConfig};
 use serde_json::json;
 
 use super::plot::{self, LinePlot, Series};
-use super::{create_dir, write_csv, write_json, AnalyzeError, Layer, Loaded, ModelArgs};
+use super::{
+    create_dir, select_layers, stream_groups, write_csv, write_json, AnalyzeError, Layer, Loaded,
+    ModelArgs,
+};
 
 /// Block Adam's block sizes s (NOTES §5: the paper used 10 and 8).
 const BLOCK_SIZES: [usize; 5] = [1, 2, 5, 10, 20];
-
-/// Bytes of recorded gradients (f64) held at once: layers are streamed in groups under this,
-/// each group re-running the same seeded T Adam steps from θ.
-const STREAM_BUDGET_BYTES: usize = 1 << 30;
 
 /// Columns (blocks × T) of a chunk of per-block streams Z_i processed at once.
 const CHUNK_COLUMNS: usize = 4096;
@@ -654,64 +653,6 @@ impl Settings {
     }
 }
 
-/// The layers studied: `names` in the order given, or all dense layers (--quick: the two with
-/// the fewest weights, in model order).
-fn select_layers(
-    loaded: &Loaded,
-    names: &[String],
-    quick: bool,
-) -> Result<Vec<Layer>, AnalyzeError> {
-    if !names.is_empty() {
-        let mut layers: Vec<Layer> = Vec::with_capacity(names.len());
-        for name in names {
-            let layer = loaded.layer(name.trim())?;
-            if layers.iter().any(|l| l.name == layer.name) {
-                return Err(AnalyzeError::Invalid(format!(
-                    "analyze sharing: --layers names {:?} twice",
-                    layer.name
-                )));
-            }
-            layers.push(layer);
-        }
-        return Ok(layers);
-    }
-    let all = loaded.layers();
-    if all.is_empty() {
-        return Err(AnalyzeError::Invalid(
-            "analyze sharing: the model has no dense layer".into(),
-        ));
-    }
-    if !quick {
-        return Ok(all);
-    }
-    let mut by_size: Vec<usize> = (0..all.len()).collect();
-    by_size.sort_by_key(|&i| (all[i].d_in * all[i].d_out, i));
-    by_size.truncate(2);
-    by_size.sort_unstable();
-    Ok(by_size.into_iter().map(|i| all[i].clone()).collect())
-}
-
-/// Consecutive groups of layers whose recorded streams (T f64 gradients each) fit
-/// [`STREAM_BUDGET_BYTES`] (a larger layer is a group of its own).
-fn stream_groups(layers: &[Layer], steps: usize) -> Vec<Vec<Layer>> {
-    let mut groups: Vec<Vec<Layer>> = Vec::new();
-    let mut bytes = 0usize;
-    for layer in layers {
-        let need = layer.d_in * layer.d_out * steps * std::mem::size_of::<f64>();
-        match groups.last_mut() {
-            Some(group) if bytes + need <= STREAM_BUDGET_BYTES => {
-                group.push(layer.clone());
-                bytes += need;
-            }
-            _ => {
-                groups.push(vec![layer.clone()]);
-                bytes = need;
-            }
-        }
-    }
-    groups
-}
-
 /// A layer name as a file-name part.
 fn file_stem(name: &str) -> String {
     name.chars()
@@ -1075,7 +1016,7 @@ pub fn run(args: &SharingArgs, stop: &AtomicBool) -> Result<(), AnalyzeError> {
     } else {
         1000
     });
-    let layers = select_layers(&loaded, &args.layers, args.quick)?;
+    let layers = select_layers("sharing", &loaded, &args.layers, args.quick)?;
     eprintln!(
         "analyze sharing: {} layer(s), T = {} steps of batch {batch_size}, ranks {:?}",
         layers.len(),
