@@ -62,8 +62,8 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use super::{
-    create_dir, select_layers, stream_groups, write_csv, write_json, AnalyzeError, Layer, Loaded,
-    ModelArgs,
+    create_dir, for_each_layer_stream, select_layers, write_csv, write_json, AnalyzeError, Layer,
+    Loaded, ModelArgs,
 };
 
 /// The CSV's columns.
@@ -776,35 +776,16 @@ pub fn run(args: &DirectionArgs, stop: &AtomicBool) -> Result<(), AnalyzeError> 
             .join(",")
     );
     let mut done: Vec<Done> = Vec::new();
-    let mut interrupted = false;
     let mut index = 0u64;
-    'groups: for group in stream_groups(&layers, settings.steps) {
-        if stop.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
-        }
-        let start = Instant::now();
-        let stream = loaded.gradient_stream(&group, settings.steps, batch_size, args.model.seed)?;
-        eprintln!(
-            "analyze direction: recorded {} step(s) of {} layer(s) in {:.1} s",
-            stream.len(),
-            group.len(),
-            start.elapsed().as_secs_f64()
-        );
-        let mut per_layer: Vec<Vec<Mat<f64>>> = group
-            .iter()
-            .map(|_| Vec::with_capacity(settings.steps))
-            .collect();
-        for step in stream {
-            for (l, g) in step.into_iter().enumerate() {
-                per_layer[l].push(g);
-            }
-        }
-        for (layer, layer_stream) in group.into_iter().zip(per_layer) {
-            if stop.load(Ordering::SeqCst) {
-                interrupted = true;
-                break 'groups;
-            }
+    let interrupted = for_each_layer_stream(
+        "direction",
+        &loaded,
+        &layers,
+        settings.steps,
+        batch_size,
+        args.model.seed,
+        stop,
+        |layer, layer_stream| {
             let start = Instant::now();
             let opts = LayerOptions {
                 rank: args.rank,
@@ -816,7 +797,7 @@ pub fn run(args: &DirectionArgs, stop: &AtomicBool) -> Result<(), AnalyzeError> 
             index += 1;
             let result = layer_direction(&layer_stream, &settings.policies, &opts, stop)?;
             drop(layer_stream);
-            interrupted |= result.interrupted;
+            let interrupted = result.interrupted;
             let finished = Done {
                 layer,
                 result,
@@ -824,11 +805,9 @@ pub fn run(args: &DirectionArgs, stop: &AtomicBool) -> Result<(), AnalyzeError> 
             };
             print_layer(&finished);
             done.push(finished);
-            if interrupted {
-                break 'groups;
-            }
-        }
-    }
+            Ok(interrupted)
+        },
+    )?;
     if interrupted {
         eprintln!(
             "analyze direction: stopped after {} of {} layers; writing those",

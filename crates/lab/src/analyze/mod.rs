@@ -496,6 +496,51 @@ pub fn stream_groups(layers: &[Layer], steps: usize) -> Vec<Vec<Layer>> {
     groups
 }
 
+/// Records the gradient streams of `layers` (T = `steps` Adam steps of `batch_size` from θ,
+/// seeded by `seed`) in groups of [`stream_groups`], and calls `each(layer, stream)` for every
+/// layer in order, its stream freed after. Stops early when `stop` is set (before a group or a
+/// layer) or when `each` returns `true` (that layer's work was interrupted). Returns whether it
+/// stopped early. `command` names the subcommand in the progress lines.
+#[allow(clippy::too_many_arguments)] // the stream's settings, the stop flag and the callback
+pub fn for_each_layer_stream(
+    command: &str,
+    loaded: &Loaded,
+    layers: &[Layer],
+    steps: usize,
+    batch_size: usize,
+    seed: u64,
+    stop: &AtomicBool,
+    mut each: impl FnMut(Layer, Vec<Mat<f64>>) -> Result<bool, AnalyzeError>,
+) -> Result<bool, AnalyzeError> {
+    use std::sync::atomic::Ordering;
+    for group in stream_groups(layers, steps) {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(true);
+        }
+        let start = std::time::Instant::now();
+        let stream = loaded.gradient_stream(&group, steps, batch_size, seed)?;
+        eprintln!(
+            "analyze {command}: recorded {} step(s) of {} layer(s) in {:.1} s",
+            stream.len(),
+            group.len(),
+            start.elapsed().as_secs_f64()
+        );
+        let mut per_layer: Vec<Vec<Mat<f64>>> =
+            group.iter().map(|_| Vec::with_capacity(steps)).collect();
+        for step in stream {
+            for (l, g) in step.into_iter().enumerate() {
+                per_layer[l].push(g);
+            }
+        }
+        for (layer, layer_stream) in group.into_iter().zip(per_layer) {
+            if stop.load(Ordering::SeqCst) || each(layer, layer_stream)? {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Trains the brief Adam run of `args` into `dir`.
 fn brief_run(args: &ModelArgs, quick: bool, dir: &Path) -> Result<(), AnalyzeError> {
     let tagger = args.task == TaskKind::Tagger;

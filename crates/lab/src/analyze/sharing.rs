@@ -59,7 +59,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use faer::linalg::matmul::triangular::{self, BlockStructure};
@@ -70,8 +70,8 @@ use serde_json::json;
 
 use super::plot::{self, LinePlot, Series};
 use super::{
-    create_dir, select_layers, stream_groups, write_csv, write_json, AnalyzeError, Layer, Loaded,
-    ModelArgs,
+    create_dir, for_each_layer_stream, select_layers, write_csv, write_json, AnalyzeError, Layer,
+    Loaded, ModelArgs,
 };
 
 /// Block Adam's block sizes s (NOTES §5: the paper used 10 and 8).
@@ -1025,34 +1025,15 @@ pub fn run(args: &SharingArgs, stop: &AtomicBool) -> Result<(), AnalyzeError> {
     );
 
     let mut done: Vec<Done> = Vec::new();
-    let mut interrupted = false;
-    'groups: for group in stream_groups(&layers, settings.steps) {
-        if stop.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
-        }
-        let start = Instant::now();
-        let stream = loaded.gradient_stream(&group, settings.steps, batch_size, args.model.seed)?;
-        eprintln!(
-            "analyze sharing: recorded {} step(s) of {} layer(s) in {:.1} s",
-            stream.len(),
-            group.len(),
-            start.elapsed().as_secs_f64()
-        );
-        let mut per_layer: Vec<Vec<Mat<f64>>> = group
-            .iter()
-            .map(|_| Vec::with_capacity(settings.steps))
-            .collect();
-        for step in stream {
-            for (l, g) in step.into_iter().enumerate() {
-                per_layer[l].push(g);
-            }
-        }
-        for (layer, layer_stream) in group.into_iter().zip(per_layer) {
-            if stop.load(Ordering::SeqCst) {
-                interrupted = true;
-                break 'groups;
-            }
+    let interrupted = for_each_layer_stream(
+        "sharing",
+        &loaded,
+        &layers,
+        settings.steps,
+        batch_size,
+        args.model.seed,
+        stop,
+        |layer, layer_stream| {
             let start = Instant::now();
             let errors = layer_errors(&layer_stream, &settings.ranks, &BLOCK_SIZES)?;
             drop(layer_stream);
@@ -1063,8 +1044,9 @@ pub fn run(args: &SharingArgs, stop: &AtomicBool) -> Result<(), AnalyzeError> {
             };
             print_layer(&finished);
             done.push(finished);
-        }
-    }
+            Ok(false)
+        },
+    )?;
     if interrupted {
         eprintln!(
             "analyze sharing: stopped after {} of {} layers; writing those",
