@@ -2,9 +2,10 @@
 //! ratios between optimizers compare like with like.
 //!
 //! `step` times the whole autoencoder training step (forward+backward and optimizer step,
-//! separately) for several optimizers at their presets, and for shared-basis the time of its
-//! step's m k×k block eigendecompositions alone ([`EigProblems`]): the part of its step that
-//! no GEMM tuning removes. `optim` times one optimizer step of
+//! separately) for several optimizers at their presets (`NAME:faer` for a shared-basis or
+//! Block Adam preset with faer's one-block-at-a-time eigensolver), and for shared-basis the
+//! time of its step's m k×k block eigenproblems alone ([`EigProblems`]), by faer and by the
+//! batched kernel: the part of its step that no GEMM tuning removes. `optim` times one optimizer step of
 //! one layer (the library's `ParamOptimizer`: preconditioner, grafting, momentum) at the
 //! autoencoder's and the Transformer tagger's layer shapes, plus scaling curves against the
 //! paper's Table 1 complexities.
@@ -21,6 +22,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::{Args, Subcommand};
 use plotters::prelude::*;
+use precond::batched_eigen::{EigenPack, Isa, LANES};
 use precond::linalg::{blocks_per_task, SymEig};
 use precond::{
     diagonal::DiagonalConfig, GraftConfig, GraftKind, Method, MomentumConfig, OptimizerConfig,
@@ -34,7 +36,9 @@ use thiserror::Error;
 
 use crate::autoencoder::{sigmoid_cross_entropy, Autoencoder, WIDTHS};
 use crate::mnist::{self, PIXELS};
-use crate::optimizers::{build_optimizer, library_config, OptimizerError, OptimizerHparams};
+use crate::optimizers::{
+    block_eigensolver, build_optimizer, library_config, OptimizerError, OptimizerHparams,
+};
 use crate::report;
 use crate::train::{self, Machine, DEFAULT_DATA};
 use burn::module::Module;
@@ -42,7 +46,7 @@ use burn::module::Module;
 #[derive(Debug, Subcommand)]
 pub enum BenchTask {
     /// Whole autoencoder training step (forward+backward and optimizer step) per optimizer; for
-    /// shared-basis also its block eigendecompositions alone (the step's floor)
+    /// shared-basis also its block eigenproblems alone, by faer and batched
     Step(StepArgs),
     /// One optimizer step of one layer, per method, layer shape and rank, with scaling curves
     Optim(OptimArgs),
@@ -85,7 +89,8 @@ pub struct StepArgs {
     /// Also write the results as JSON to this file
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Optimizers to time, at their presets (comma-separated)
+    /// Optimizers to time, at their presets (comma-separated; NAME:faer runs a shared-basis or
+    /// block-adam preset with faer's one-block-at-a-time eigensolver)
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_OPTIMIZERS)]
     pub optimizers: Vec<String>,
     /// Timed steps per optimizer (default 30; 10 with --quick); a multiple of 10 keeps
@@ -127,6 +132,11 @@ pub struct StepResult {
     /// neuron of every weight).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eig_count: Option<usize>,
+    /// shared-basis only: the median time of the same problems through the batched kernel
+    /// ([`EigenPack`]: eigenvalues and one spectral function applied to one vector, the work
+    /// of its block pass's eigen stage), right after `eig_floor_s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eig_batched_s: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -146,11 +156,30 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
 
-/// The preset of `name` with preconditioning from step 1 (see the module docs).
+/// The preset of `name` with preconditioning from step 1 (see the module docs). `NAME:faer`
+/// (shared-basis and block-adam presets) runs the preset with faer's one-block-at-a-time
+/// eigensolver instead of the batched one, for a comparison in the same process.
 fn steady_preset(name: &str) -> Result<OptimizerHparams, BenchError> {
-    let mut h = OptimizerHparams::preset(name)?;
+    let (preset, eigensolver) = match name.split_once(':') {
+        Some((preset, solver)) => (preset, Some(solver)),
+        None => (name, None),
+    };
+    let mut h = OptimizerHparams::preset(preset)?;
     if let Some(lib) = h.library.as_mut() {
         lib.start_step = 1;
+    }
+    if let Some(solver) = eigensolver {
+        block_eigensolver(Some(solver))?;
+        match h.library.as_mut() {
+            Some(lib) if preset.starts_with("shared-basis") || preset == "block-adam" => {
+                lib.eigensolver = Some(solver.to_string());
+            }
+            _ => {
+                return Err(BenchError::Invalid(format!(
+                    "{name}: only shared-basis and block-adam presets take an eigensolver"
+                )))
+            }
+        }
     }
     Ok(h)
 }
@@ -229,7 +258,11 @@ pub fn step(args: &StepArgs) -> Result<StepReport, BenchError> {
         let floor = match (name.as_str(), h.library.as_ref().and_then(|l| l.rank)) {
             ("shared-basis", Some(rank)) => {
                 let problems = EigProblems::autoencoder(rank, args.seed);
-                Some((problems.count(), problems.median_time(steps)?))
+                Some((
+                    problems.count(),
+                    problems.median_time(steps, EigKernel::Faer)?,
+                    problems.median_time(steps, EigKernel::Batched)?,
+                ))
             }
             _ => None,
         };
@@ -241,8 +274,9 @@ pub fn step(args: &StepArgs) -> Result<StepReport, BenchError> {
             median_opt_step_s: median(&opt),
             mean_opt_step_s: mean(&opt),
             optimizer_state_bytes: built.state_bytes(model.num_params()),
-            eig_floor_s: floor.map(|(_, t)| t),
-            eig_count: floor.map(|(n, _)| n),
+            eig_floor_s: floor.map(|(_, t, _)| t),
+            eig_count: floor.map(|(n, _, _)| n),
+            eig_batched_s: floor.map(|(_, _, t)| t),
         };
         eprintln!(
             "{name}: step {:.1} ms (fwd+bwd {:.1} ms, opt median {:.1} ms, mean {:.1} ms)",
@@ -298,16 +332,35 @@ pub fn step_table(report: &StepReport) -> String {
         if let (Some(floor), Some(count)) = (r.eig_floor_s, r.eig_count) {
             let _ = write!(
                 out,
-                "\n{}: its {count} block eigendecompositions alone take {:.1} ms, {:.2} of its \
-                 optimizer step and {:.2} of the forward+backward\n",
+                "\n{}: its {count} block eigenproblems alone take {:.1} ms by faer, one at a \
+                 time ({:.2} of its optimizer step, {:.2} of the forward+backward)",
                 r.optimizer,
                 floor * 1e3,
                 floor / r.median_opt_step_s,
                 floor / r.median_fwd_bwd_s
             );
+            if let Some(batched) = r.eig_batched_s {
+                let _ = write!(
+                    out,
+                    "; {:.1} ms batched ({:.1}x faster; {:.2} of its optimizer step)",
+                    batched * 1e3,
+                    floor / batched,
+                    batched / r.median_opt_step_s
+                );
+            }
+            out.push('\n');
         }
     }
     out
+}
+
+/// The kernel [`EigProblems`] times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EigKernel {
+    /// faer's symmetric eigendecomposition, one block at a time.
+    Faer,
+    /// [`EigenPack`], eight blocks at a time.
+    Batched,
 }
 
 /// The eigenproblems of one shared-basis step on the autoencoder: per weight (b, m), m
@@ -353,11 +406,16 @@ impl EigProblems {
             .sum()
     }
 
-    /// One step's eigendecompositions, layer after layer, each layer's split over the rayon
-    /// threads in chunks as the optimizer's block pass splits its blocks, with the optimizer's
-    /// own kernel ([`SymEig`], f32). Returns the sum of the smallest eigenvalues (to keep the
-    /// work observable).
-    pub fn solve_once(&self) -> Result<f64, BenchError> {
+    /// One step's eigenproblems, layer after layer, each layer's split over the rayon threads
+    /// in chunks as the optimizer's block pass splits its blocks, with one of the optimizer's
+    /// kernels in f32: faer's [`SymEig`] (a full eigendecomposition per block) or the batched
+    /// [`EigenPack`] (eigenvalues and (λ − λ_min + 1)^{−1/2} applied to one vector, what the
+    /// block pass needs). Returns the sum of the smallest eigenvalues (to keep the work
+    /// observable).
+    pub fn solve_once(&self, kernel: EigKernel) -> Result<f64, BenchError> {
+        if kernel == EigKernel::Batched {
+            return self.solve_once_batched();
+        }
         let mut total = 0.0;
         for (k, data) in &self.layers {
             let (k, kk) = (*k, k * k);
@@ -381,13 +439,58 @@ impl EigProblems {
         Ok(total)
     }
 
+    fn solve_once_batched(&self) -> Result<f64, BenchError> {
+        let mut total = 0.0;
+        for (k, data) in &self.layers {
+            let (k, kk) = (*k, k * k);
+            let chunk = blocks_per_task(data.len() / kk).next_multiple_of(LANES);
+            total += data
+                .par_chunks(chunk * kk)
+                .map(|mats| {
+                    let mut pack = EigenPack::<f32>::new(k);
+                    let ones = vec![1.0f32; k];
+                    let mut sum = 0.0;
+                    for group in mats.chunks(LANES * kk) {
+                        let count = group.len() / kk;
+                        for lane in 0..LANES {
+                            match group.get(lane * kk..(lane + 1) * kk) {
+                                Some(a) => pack.load(lane, |r, c| a[c * k + r], &ones),
+                                None => pack.clear(lane),
+                            }
+                        }
+                        let solved = pack.solve(Isa::Detect);
+                        if solved[..count].iter().any(|ok| !ok) {
+                            return Err(BenchError::Invalid(
+                                "batched eigensolve failed".to_string(),
+                            ));
+                        }
+                        for lane in 0..count {
+                            let lo = (0..k)
+                                .map(|j| pack.eigenvalue(lane, j))
+                                .fold(f32::INFINITY, f32::min);
+                            for j in 0..k {
+                                let l = pack.eigenvalue(lane, j) - lo;
+                                pack.weight(lane, j, 1.0 / (l.max(0.0) + 1.0).sqrt());
+                            }
+                            sum += f64::from(lo);
+                        }
+                        pack.back_transform(Isa::Detect);
+                        std::hint::black_box(pack.result(0, 0));
+                    }
+                    Ok::<f64, BenchError>(sum)
+                })
+                .try_reduce(|| 0.0, |a, b| Ok(a + b))?;
+        }
+        Ok(total)
+    }
+
     /// Median wall time of [`solve_once`](Self::solve_once) over `reps` runs after one warm-up.
-    pub fn median_time(&self, reps: usize) -> Result<f64, BenchError> {
-        self.solve_once()?;
+    pub fn median_time(&self, reps: usize, kernel: EigKernel) -> Result<f64, BenchError> {
+        self.solve_once(kernel)?;
         let mut times = Vec::with_capacity(reps);
         for _ in 0..reps.max(1) {
             let t = Instant::now();
-            std::hint::black_box(self.solve_once()?);
+            std::hint::black_box(self.solve_once(kernel)?);
             times.push(t.elapsed().as_secs_f64());
         }
         Ok(median(&times))
@@ -891,6 +994,7 @@ mod tests {
             optimizer_state_bytes: 2_000_000,
             eig_floor_s: (name == "shared-basis").then_some(0.025),
             eig_count: (name == "shared-basis").then_some(4314),
+            eig_batched_s: (name == "shared-basis").then_some(0.005),
         };
         let report = StepReport {
             machine: Machine {
@@ -907,15 +1011,17 @@ mod tests {
             table.contains("| shared-basis | 300.0 | 200.0 | 100.0 | 100.0 | 0.50 | 1.43 | 2.00 |"),
             "{table}"
         );
-        // 25 ms of eigendecompositions: a quarter of the 100 ms step, an eighth of fwd+bwd.
+        // 25 ms of eigendecompositions: a quarter of the 100 ms step, an eighth of fwd+bwd; the
+        // batched kernel's 5 ms are 5x faster, 0.05 of the step.
         assert!(
             table.contains(
-                "shared-basis: its 4314 block eigendecompositions alone take 25.0 ms, 0.25 of \
-                 its optimizer step and 0.12 of the forward+backward"
+                "shared-basis: its 4314 block eigenproblems alone take 25.0 ms by faer, one at a \
+                 time (0.25 of its optimizer step, 0.12 of the forward+backward); 5.0 ms batched \
+                 (5.0x faster; 0.05 of its optimizer step)"
             ),
             "{table}"
         );
-        assert_eq!(table.matches("eigendecompositions").count(), 1, "{table}");
+        assert_eq!(table.matches("eigenproblems").count(), 1, "{table}");
     }
 
     #[test]
@@ -941,12 +1047,15 @@ mod tests {
         let small = EigProblems {
             layers: vec![(*k, data[..k * k].to_vec())],
         };
-        let found = small.solve_once().unwrap();
-        assert!(
-            (found - values[0]).abs() <= 1e-6 * values[k - 1],
-            "{found} vs {values:?}"
-        );
-        assert!(problems.median_time(1).unwrap() > 0.0);
+        for kernel in [EigKernel::Faer, EigKernel::Batched] {
+            let found = small.solve_once(kernel).unwrap();
+            assert!(
+                (found - values[0]).abs() <= 1e-6 * values[k - 1],
+                "{kernel:?}: {found} vs {values:?}"
+            );
+        }
+        assert!(problems.median_time(1, EigKernel::Faer).unwrap() > 0.0);
+        assert!(problems.median_time(1, EigKernel::Batched).unwrap() > 0.0);
     }
 
     #[test]

@@ -14,8 +14,8 @@ use precond::optimizer::NonFinitePolicy;
 use precond::shampoo::ShampooConfig;
 use precond::sketchy::SketchyConfig;
 use precond::{
-    Fallback, GraftKind, Method, PrecondError, RhoMode, SharedBasisConfig, SharedBasisHandle,
-    SharedBasisOptimizerConfig, WeightDecayConfig, WeightDecayMode,
+    BlockEigensolver, Fallback, GraftKind, Method, PrecondError, RhoMode, SharedBasisConfig,
+    SharedBasisHandle, SharedBasisOptimizerConfig, WeightDecayConfig, WeightDecayMode,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -72,6 +72,8 @@ pub enum OptimizerError {
     UnknownGraft(String),
     #[error("unknown lost-mass policy --rho {0:?}; known: {known}", known = RHO_POLICIES.join(", "))]
     UnknownRho(String),
+    #[error("unknown block eigensolver --eigensolver {0:?}; known: {known}", known = EIGENSOLVERS.join(", "))]
+    UnknownEigensolver(String),
     #[error("invalid {name} = {value}: {why}")]
     Invalid {
         name: &'static str,
@@ -134,6 +136,10 @@ pub struct LibraryHparams {
     /// shared-basis: multiplier s on every increment of ρ (absent: 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rho_scale: Option<f64>,
+    /// shared-basis, Block Adam: the per-block eigensolver, one of [`EIGENSOLVERS`] (absent:
+    /// `batched`; runs recorded before it existed used `faer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eigensolver: Option<String>,
     /// Shampoo, Sketchy: largest block side.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
@@ -164,6 +170,7 @@ impl LibraryHparams {
             rho_iters: None,
             rho: None,
             rho_scale: None,
+            eigensolver: None,
             block_size: None,
             precondition_every: None,
             graft: "rmsprop-normalized".into(),
@@ -400,6 +407,20 @@ pub fn rho_mode(policy: &str, iters: Option<usize>) -> Result<RhoMode, Optimizer
     })
 }
 
+/// The block eigensolvers of shared-basis and Block Adam (`--eigensolver`): `batched` (eight
+/// blocks at a time in SIMD lanes, the default) and `faer` (one block at a time; the kernel of
+/// every run recorded before the batched one existed).
+pub const EIGENSOLVERS: &[&str] = &["batched", "faer"];
+
+/// Parses a name of [`EIGENSOLVERS`] (absent: batched).
+pub fn block_eigensolver(name: Option<&str>) -> Result<BlockEigensolver, OptimizerError> {
+    match name.unwrap_or("batched") {
+        "batched" => Ok(BlockEigensolver::Batched),
+        "faer" => Ok(BlockEigensolver::Faer),
+        other => Err(OptimizerError::UnknownEigensolver(other.to_string())),
+    }
+}
+
 /// Parses a grafting name of [`GRAFTS`].
 pub fn graft_kind(name: &str) -> Result<GraftKind, OptimizerError> {
     Ok(match name {
@@ -477,6 +498,7 @@ pub fn library_config(h: &OptimizerHparams) -> Result<SharedBasisOptimizerConfig
             beta1: h.beta1,
             beta2: h.beta2,
             eps: h.eps,
+            eigensolver: block_eigensolver(lib.eigensolver.as_deref())?,
         })
     } else if h.name == "sketchy" {
         Method::Sketchy(SketchyConfig {
@@ -505,6 +527,7 @@ pub fn library_config(h: &OptimizerHparams) -> Result<SharedBasisOptimizerConfig
             beta2: h.beta2,
             seed: lib.seed,
             rho_scale: lib.rho_scale.unwrap_or(1.0),
+            eigensolver: block_eigensolver(lib.eigensolver.as_deref())?,
         })
     };
     let config = SharedBasisOptimizerConfig::new()

@@ -21,8 +21,8 @@ use precond::full_matrix::{FullMatrix, FullMatrixConfig};
 use precond::shampoo::{Shampoo, ShampooConfig};
 use precond::sketchy::{Sketchy, SketchyConfig};
 use precond::{
-    PrecondError, Preconditioner, Result as PrecondResult, RhoMode, Scalar, SharedBasis,
-    SharedBasisConfig,
+    BlockEigensolver, PrecondError, Preconditioner, Result as PrecondResult, RhoMode, Scalar,
+    SharedBasis, SharedBasisConfig,
 };
 use thiserror::Error;
 
@@ -139,6 +139,10 @@ pub struct ReplayArgs {
     /// Multiplier on every increment of ρ (0 = ε alone).
     #[arg(long, default_value_t = 1.0)]
     pub rho_scale: f64,
+    /// shared-basis, block-adam: the per-block eigensolver: batched (eight blocks at a time in
+    /// SIMD lanes) or faer (one block at a time)
+    #[arg(long, default_value = "batched", value_parser = ["batched", "faer"])]
+    pub eigensolver: String,
     /// ε (absolute): added to ρ_i (shared-basis), to the statistics before their roots (Shampoo,
     /// Sketchy, Block Adam, full-matrix Adagrad) or to the root (diagonal methods)
     /// [default: 1e-6 for matrix methods; PyTorch's for diagonal ones]
@@ -229,6 +233,7 @@ impl ReplayArgs {
                     beta1: self.beta1,
                     beta2: self.beta2(),
                     eps: self.eps(),
+                    eigensolver: self.block_eigensolver(),
                 };
                 Box::new(BlockAdam::<T>::new(&config, b, m)?)
             }
@@ -260,6 +265,14 @@ impl ReplayArgs {
     }
 
     /// The shared-basis configuration these flags describe.
+    /// The `--eigensolver` choice (validated by clap).
+    fn block_eigensolver(&self) -> BlockEigensolver {
+        match self.eigensolver.as_str() {
+            "faer" => BlockEigensolver::Faer,
+            _ => BlockEigensolver::Batched,
+        }
+    }
+
     pub fn shared_basis_config(&self) -> SharedBasisConfig {
         SharedBasisConfig {
             rank: self.rank,
@@ -276,6 +289,7 @@ impl ReplayArgs {
             beta2: self.beta2(),
             seed: self.seed,
             rho_scale: self.rho_scale,
+            eigensolver: self.block_eigensolver(),
         }
     }
 }
@@ -492,6 +506,7 @@ mod tests {
             rho_exact: false,
             rho: "norm".into(),
             rho_scale: 1.0,
+            eigensolver: "batched".into(),
             eps: Some(1e-2),
             beta1: 0.9,
             beta2: None,

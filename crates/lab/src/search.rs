@@ -140,6 +140,9 @@ pub struct PassThrough {
     /// shared-basis: multiplier on every increment of rho
     #[arg(long)]
     pub rho_scale: Option<f64>,
+    /// shared-basis, block-adam: the per-block eigensolver (batched, faer)
+    #[arg(long)]
+    pub eigensolver: Option<String>,
     /// shampoo, sketchy: largest block side; block-adam: rows per block
     #[arg(long)]
     pub block_size: Option<usize>,
@@ -206,6 +209,7 @@ impl PassThrough {
             rho_iters: p.rho_iters,
             rho: p.rho,
             rho_scale: p.rho_scale,
+            eigensolver: p.eigensolver,
             block_size: p.block_size,
             precondition_every: p.precondition_every,
             graft: p.graft,

@@ -25,7 +25,8 @@ use thiserror::Error;
 use crate::conllu::ConlluError;
 use crate::mnist::MnistError;
 use crate::optimizers::{
-    build_optimizer, library_config, BuiltOptimizer, NonFinite, OptimizerError, OptimizerHparams,
+    block_eigensolver, build_optimizer, library_config, BuiltOptimizer, NonFinite, OptimizerError,
+    OptimizerHparams,
 };
 use crate::tagger::TaggerDims;
 use crate::tasks::{
@@ -148,6 +149,11 @@ pub struct TrainSettings {
     /// preset's, see README]
     #[arg(long)]
     pub rho_scale: Option<f64>,
+    /// shared-basis, block-adam: the per-block eigensolver: batched (eight blocks at a time in
+    /// SIMD lanes) or faer (one block at a time, the kernel of runs recorded before 2026-12-03's
+    /// second session) [default: batched]
+    #[arg(long)]
+    pub eigensolver: Option<String>,
     /// shampoo, sketchy: largest block side; block-adam: rows per block [default: the preset's,
     /// 250, 1000, 1024; 10]
     #[arg(long)]
@@ -216,6 +222,7 @@ impl TrainSettings {
             rho_iters: self.rho_iters.or(other.rho_iters),
             rho: self.rho.or(other.rho),
             rho_scale: self.rho_scale.or(other.rho_scale),
+            eigensolver: self.eigensolver.or(other.eigensolver),
             block_size: self.block_size.or(other.block_size),
             precondition_every: self.precondition_every.or(other.precondition_every),
             graft: self.graft.or(other.graft),
@@ -547,6 +554,15 @@ impl TrainConfig {
             return Err(refuse("rho").into());
         } else if s.rho_scale.is_some() {
             return Err(refuse("rho-scale").into());
+        }
+        // The block eigensolver: shared-basis and Block Adam.
+        if let Some(name) = &s.eigensolver {
+            block_eigensolver(Some(name))?;
+            let blocks = optimizer.name == "block-adam";
+            match optimizer.library.as_mut() {
+                Some(l) if blocks || l.power_iters.is_some() => l.eigensolver = Some(name.clone()),
+                _ => return Err(refuse("eigensolver").into()),
+            }
         }
         if optimizer.library.is_none() {
             let given = [
@@ -1059,6 +1075,7 @@ fn resume(
             rho_iters: sb.and_then(|h| h.rho_iters),
             rho: sb.and_then(|h| h.rho.clone()),
             rho_scale: sb.and_then(|h| h.rho_scale),
+            eigensolver: sb.and_then(|h| h.eigensolver.clone()),
             block_size: sb.and_then(|h| h.block_size),
             precondition_every: sb.and_then(|h| h.precondition_every),
             graft: sb.map(|h| h.graft.clone()),

@@ -41,11 +41,12 @@
 //! after too many failures in a row is [`crate::optimizer::ParamOptimizer`]'s job
 //! ([`crate::OptimizerConfig::max_linalg_failures`]).
 
+use crate::batched_eigen::{BlockEigensolver, EigenPack, Isa, LANES};
 use crate::error::{invalid, PrecondError, Result};
 use crate::linalg::{lower_finite, SymEig};
 use crate::preconditioner::{check_finite, check_shapes, check_view, LinalgHealth, Preconditioner};
 use crate::scalar::Scalar;
-use faer::{Mat, MatMut, MatRef};
+use faer::{ColRef, Mat, MatMut, MatRef};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +64,12 @@ pub struct BlockAdamConfig {
     /// ε added to the eigenvalues of V̂ before the inverse square root. Must be finite and
     /// > 0. Default 1e-8.
     pub eps: f64,
+    /// The kernel of the per-chunk eigenproblems: [`BlockEigensolver::Batched`] (default) or
+    /// faer one chunk at a time; the same mathematics, rounding apart. Absent from a
+    /// serialized config (states saved before it existed), it is faer, so such a state
+    /// continues bit for bit.
+    #[serde(default = "BlockEigensolver::legacy")]
+    pub eigensolver: BlockEigensolver,
 }
 
 impl Default for BlockAdamConfig {
@@ -72,6 +79,7 @@ impl Default for BlockAdamConfig {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            eigensolver: BlockEigensolver::Batched,
         }
     }
 }
@@ -106,6 +114,10 @@ struct ChunkScratch<T: Scalar> {
     moment: Vec<T>,
     /// Qᵀ m̂, then scaled by (λ̂ + ε)^{−1/2} (n).
     coef: Vec<T>,
+    /// The batched path: its pack and each lane's V (lower triangle) and m̂, built on first use.
+    pack: Option<EigenPack<T>>,
+    lane_stats: Vec<Mat<T>>,
+    lane_moments: Vec<Vec<T>>,
 }
 
 impl<T: Scalar> ChunkScratch<T> {
@@ -117,6 +129,19 @@ impl<T: Scalar> ChunkScratch<T> {
             grad: vec![T::zero(); n],
             moment: vec![T::zero(); n],
             coef: vec![T::zero(); n],
+            pack: None,
+            lane_stats: Vec::new(),
+            lane_moments: Vec::new(),
+        }
+    }
+
+    /// The batched path's workspace for chunks of this scratch's length.
+    fn for_packs(&mut self) {
+        let n = self.grad.len();
+        if self.pack.is_none() {
+            self.pack = Some(EigenPack::new(n));
+            self.lane_stats = (0..LANES).map(|_| Mat::zeros(n, n)).collect();
+            self.lane_moments = vec![vec![T::zero(); n]; LANES];
         }
     }
 }
@@ -375,6 +400,10 @@ impl<T: Scalar> BlockAdam<T> {
         }
         let threads = rayon::current_num_threads().max(1);
         w.cols_per_task = m.div_ceil(threads * 4).max(1);
+        if self.config.eigensolver == BlockEigensolver::Batched {
+            // Packs are columns [8p, 8p + 8) of one chunk row, whatever the thread count.
+            w.cols_per_task = w.cols_per_task.next_multiple_of(LANES);
+        }
         w.direction = vec![T::zero(); b * m];
         w.scratch = (0..m.div_ceil(w.cols_per_task))
             .map(|_| TaskScratch::new(s, last))
@@ -437,6 +466,139 @@ fn apply_root<T: Scalar>(sc: &mut ChunkScratch<T>, correction: T, eps: T, out: &
     }
 }
 
+/// Steps 1–3 for one chunk: m̂ = (β1 m + (1 − β1) g) / (1 − β1ᵗ) (or g) into `moment` and
+/// V = β2 V + (1 − β2) g gᵀ into the lower triangle of `stat` (all the eigensolvers read).
+fn updated_moments<T: Scalar>(
+    k: &StepScalars<T>,
+    grad: &[T],
+    old_stat: &[T],
+    old_moment: Option<&[T]>,
+    moment: &mut [T],
+    stat: &mut Mat<T>,
+) {
+    let s = grad.len();
+    match old_moment {
+        Some(old) => {
+            for ((mhat, &m), &g) in moment.iter_mut().zip(old).zip(grad) {
+                *mhat = k.moment(m, g) * k.moment_correction;
+            }
+        }
+        None => moment.copy_from_slice(grad),
+    }
+    for c in 0..s {
+        let gc = grad[c];
+        for r in c..s {
+            stat[(r, c)] = k.stat(old_stat[c * s + r], grad[r], gc);
+        }
+    }
+}
+
+/// Pass 1 for chunk row `j` (rows r0..r0 + n) of up to [`LANES`] consecutive columns with the
+/// batched eigensolver: u = −V diag(max(max(λ, 0)/corr + ε, δ)^{−1/2}) Vᵀ m̂ as
+/// [`apply_root`] computes it, without forming V. `cols` are (column, its direction slice
+/// of length b, its gradient column); a chunk the pack cannot solve goes through
+/// [`chunk_direction`] (faer, and its previous-root policy).
+#[allow(clippy::too_many_arguments)] // the pass's shared inputs
+fn pack_directions<T: Scalar>(
+    k: &StepScalars<T>,
+    sc: &mut ChunkScratch<T>,
+    r0: usize,
+    at: &dyn Fn(usize) -> usize,
+    second_moment: &[T],
+    first_moment: &[T],
+    b: usize,
+    cols: &mut [(usize, &mut [T], ColRef<'_, T>)],
+) -> Chunk {
+    let n = sc.grad.len();
+    sc.for_packs();
+    let Some(mut pack) = sc.pack.take() else {
+        return Chunk::Refused;
+    };
+    let mut worst = Chunk::Fresh;
+    let mut loaded = [false; LANES];
+    for lane in 0..LANES {
+        let Some((i, _, g)) = cols.get(lane) else {
+            pack.clear(lane);
+            continue;
+        };
+        for (r, v) in sc.grad.iter_mut().enumerate() {
+            *v = g[r0 + r];
+        }
+        let old_moment = k
+            .has_momentum
+            .then(|| &first_moment[i * b + r0..i * b + r0 + n]);
+        let at = at(*i);
+        updated_moments(
+            k,
+            &sc.grad,
+            &second_moment[at..at + n * n],
+            old_moment,
+            &mut sc.lane_moments[lane],
+            &mut sc.lane_stats[lane],
+        );
+        if !lower_finite(sc.lane_stats[lane].as_ref()) {
+            pack.clear(lane);
+            worst = worst.max(Chunk::Refused);
+            continue;
+        }
+        let stat = &sc.lane_stats[lane];
+        pack.load(lane, |r, c| stat[(r, c)], &sc.lane_moments[lane]);
+        loaded[lane] = true;
+    }
+    let solved = pack.solve(Isa::Detect);
+    let mut done = [false; LANES];
+    for (lane, (i, dir, g)) in cols.iter_mut().enumerate() {
+        if !loaded[lane] {
+            continue;
+        }
+        if !solved[lane] {
+            for (r, v) in sc.grad.iter_mut().enumerate() {
+                *v = g[r0 + r];
+            }
+            let old_moment = k
+                .has_momentum
+                .then(|| &first_moment[*i * b + r0..*i * b + r0 + n]);
+            let at = at(*i);
+            worst = worst.max(chunk_direction(
+                k,
+                sc,
+                &second_moment[at..at + n * n],
+                old_moment,
+                &mut dir[r0..r0 + n],
+            ));
+            continue;
+        }
+        // The weights of `apply_root`, with the same rounding floor n·u·max|λ| / corr.
+        let largest = (0..n).fold(T::zero(), |acc, j| acc.max(pack.eigenvalue(lane, j).abs()));
+        let correction = k.stat_correction;
+        let floor = if correction > T::zero() {
+            T::of(n as f64) * T::epsilon() * largest / correction
+        } else {
+            T::zero()
+        };
+        for j in 0..n {
+            let lambda = pack.eigenvalue(lane, j);
+            let lambda = if lambda > T::zero() && correction > T::zero() {
+                lambda / correction
+            } else {
+                T::zero()
+            };
+            pack.weight(lane, j, T::one() / (lambda + k.eps).max(floor).sqrt());
+        }
+        done[lane] = true;
+    }
+    pack.back_transform(Isa::Detect);
+    for (lane, (_, dir, _)) in cols.iter_mut().enumerate() {
+        if done[lane] {
+            for (r, u) in dir[r0..r0 + n].iter_mut().enumerate() {
+                *u = -pack.result(lane, r);
+            }
+        }
+    }
+    sc.pack = Some(pack);
+    worst
+}
+
 /// First pass for one chunk: updated moments into scratch, then u = −(V̂ + εI)^{−1/2} m̂ into
 /// `out` (length n, the scratch's chunk length), or with the previous root when the
 /// eigendecomposition fails (module docs). Reads the state, never writes it.
@@ -448,22 +610,14 @@ fn chunk_direction<T: Scalar>(
     out: &mut [T],
 ) -> Chunk {
     let s = sc.grad.len();
-    // m̂ = (β1 m + (1 − β1) g) / (1 − β1ᵗ), or g.
-    match old_moment {
-        Some(old) => {
-            for ((mhat, &m), &g) in sc.moment.iter_mut().zip(old).zip(&sc.grad) {
-                *mhat = k.moment(m, g) * k.moment_correction;
-            }
-        }
-        None => sc.moment.copy_from_slice(&sc.grad),
-    }
-    // V = β2 V + (1 − β2) g gᵀ, lower triangle (all that the eigensolver reads).
-    for c in 0..s {
-        let gc = sc.grad[c];
-        for r in c..s {
-            sc.stat[(r, c)] = k.stat(old_stat[c * s + r], sc.grad[r], gc);
-        }
-    }
+    updated_moments(
+        k,
+        &sc.grad,
+        old_stat,
+        old_moment,
+        &mut sc.moment,
+        &mut sc.stat,
+    );
     if !lower_finite(sc.stat.as_ref()) {
         return Chunk::Refused;
     }
@@ -508,6 +662,7 @@ impl<T: Scalar> Preconditioner<T> for BlockAdam<T> {
         let per_task = w.cols_per_task;
         let second_moment = &self.second_moment;
         let first_moment = &self.first_moment;
+        let batched = self.config.eigensolver == BlockEigensolver::Batched;
         // Every chunk runs (no short cut), so that the worst outcome does not depend on the
         // scheduling.
         let worst = w
@@ -518,6 +673,34 @@ impl<T: Scalar> Preconditioner<T> for BlockAdam<T> {
             .map(|(task, (dirs, sc))| {
                 let first_col = task * per_task;
                 let mut worst = Chunk::Fresh;
+                if batched {
+                    let at = |i: usize| -> usize { i * col_len };
+                    for (p, group) in dirs.chunks_mut(LANES * b).enumerate() {
+                        let mut cols: Vec<(usize, &mut [T], ColRef<'_, T>)> = group
+                            .chunks_mut(b)
+                            .enumerate()
+                            .map(|(c, dir)| {
+                                let i = first_col + p * LANES + c;
+                                (i, dir, grad.col(i))
+                            })
+                            .collect();
+                        for j in 0..chunks {
+                            let (r0, n) = (j * s, chunk_len(j));
+                            let at_chunk = |i: usize| at(i) + j * s * s;
+                            worst = worst.max(pack_directions(
+                                &k,
+                                sc.for_len(n),
+                                r0,
+                                &at_chunk,
+                                second_moment,
+                                first_moment,
+                                b,
+                                &mut cols,
+                            ));
+                        }
+                    }
+                    return worst;
+                }
                 for (c, dir) in dirs.chunks_mut(b).enumerate() {
                     let i = first_col + c;
                     let g = grad.col(i);
@@ -611,7 +794,7 @@ mod tests {
     //! Jacobi eigensolver, no faer.
 
     use super::*;
-    use crate::linalg::{inject_failures, injected_remaining, FaultKind};
+    use crate::linalg::{inject_failures, inject_failures_after, injected_remaining, FaultKind};
     use crate::testing::{jacobi_eigen_rows, on_one_thread};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -840,6 +1023,7 @@ mod tests {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            ..Default::default()
         }
     }
 
@@ -889,6 +1073,7 @@ mod tests {
             beta1: 0.0,
             beta2: 1.0,
             eps: 1e-8,
+            ..Default::default()
         };
         // Unit-scale gradients: during the 7 rank-deficient steps, round-off of relative size δ
         // in the eigenvectors leaks into the null space and is amplified by ε^{−1/2} = 1e4, an
@@ -1178,8 +1363,16 @@ mod tests {
         let config_json = serde_json::to_string(&config).unwrap();
         let back: BlockAdamConfig = serde_json::from_str(&config_json).unwrap();
         assert_eq!(back, config);
+        // Missing fields take the defaults, except the eigensolver: faer, the kernel of the
+        // states saved before the choice existed.
         let defaulted: BlockAdamConfig = serde_json::from_str(r#"{"block_size": 4}"#).unwrap();
-        assert_eq!(defaulted, adam_config(4));
+        assert_eq!(
+            defaulted,
+            BlockAdamConfig {
+                eigensolver: BlockEigensolver::Faer,
+                ..adam_config(4)
+            }
+        );
     }
 
     /// Directions of every chunk from the oracle's moments after its last step: the root of
@@ -1206,11 +1399,67 @@ mod tests {
     }
 
     /// ε large enough that f32 directions are well conditioned from step 1.
+    /// On faer's per-chunk path, where each chunk is one factorization call (the batched
+    /// path recovers a failed lane with faer: `batched_lane_failure_falls_back_to_faer`).
     fn conditioned_config() -> BlockAdamConfig {
         BlockAdamConfig {
             eps: 1e-2,
+            eigensolver: BlockEigensolver::Faer,
             ..adam_config(3)
         }
+    }
+
+    /// A lane of the batched eigensolver that fails is recomputed by faer: that chunk's
+    /// direction is bitwise the faer path's, every other chunk's the batched run's, nothing is
+    /// counted, and the two paths agree to f32 rounding.
+    #[test]
+    fn batched_lane_failure_falls_back_to_faer() {
+        on_one_thread(|| {
+            let (b, m) = (10, 11);
+            let batched = adam_config(4);
+            let faer = BlockAdamConfig {
+                eigensolver: BlockEigensolver::Faer,
+                ..batched.clone()
+            };
+            // More steps than rows per chunk: V has full rank (no ε^{−1/2}-amplified round-off).
+            let grads = gradients(b, m, 9, 1.0, 31);
+            let run = |config: &BlockAdamConfig, fail_after: Option<usize>| {
+                let mut st = BlockAdam::<f32>::new(config, b, m).unwrap();
+                let mut u = Mat::<f32>::zeros(b, m);
+                for (s, g) in grads.iter().enumerate() {
+                    let last = s + 1 == grads.len();
+                    match fail_after {
+                        Some(skip) if last => inject_failures_after(skip, FaultKind::Both, 1),
+                        _ => inject_failures(FaultKind::Both, 0),
+                    }
+                    st.precondition(to_mat::<f32>(g).as_ref(), u.as_mut())
+                        .unwrap();
+                    if last {
+                        assert_eq!(injected_remaining(), 0);
+                    }
+                    inject_failures(FaultKind::Both, 0);
+                }
+                (st, u)
+            };
+            let (_, plain) = run(&batched, None);
+            let (_, reference) = run(&faer, None);
+            let err = (plain.as_ref() - reference.as_ref()).norm_max() / reference.norm_max();
+            assert!(err <= 1e-5, "{err:e}");
+            assert!(plain != reference, "the paths differ in rounding");
+            // The third lane of the first pack (column 2, chunk rows 0..4).
+            let (st, u) = run(&batched, Some(2));
+            assert_eq!(st.linalg_health(), LinalgHealth::default());
+            for i in 0..m {
+                for r in 0..b {
+                    let want = if i == 2 && r < 4 {
+                        reference[(r, i)]
+                    } else {
+                        plain[(r, i)]
+                    };
+                    assert_eq!(u[(r, i)], want, "({r}, {i})");
+                }
+            }
+        });
     }
 
     /// Block Adam in `T` with chunk (0, 0)'s eigendecomposition failing in both precisions at

@@ -64,8 +64,11 @@
 //! [`NonFinitePolicy::Error`]; states written before the linear-algebra failure counts
 //! (version 2) load with zero counts and [`OptimizerConfig::max_linalg_failures`] at its default;
 //! states written before the run of refused steps (version 3) load with
-//! [`ParamOptimizer::refused_in_row`] 0 and the shared-basis `rho_scale` at its default, 1.
+//! [`ParamOptimizer::refused_in_row`] 0 and the shared-basis `rho_scale` at its default, 1;
+//! states written before the choice of block eigensolver (version 4) load with faer's, the
+//! kernel they were computed with, so they continue bit for bit.
 
+use crate::batched_eigen::BlockEigensolver;
 use crate::error::{PrecondError, Result};
 use crate::graft::{GraftConfig, GraftKind};
 use crate::optimizer::{Fallback, Method, NonFinitePolicy, OptimizerConfig, ParamOptimizer};
@@ -184,6 +187,16 @@ impl SharedBasisOptimizerConfig {
     /// [`crate::TUNED_RHO_SCALE`] = the command line's `shared-basis` preset).
     pub fn with_rho_scale(mut self, scale: f64) -> Self {
         self.sb().rho_scale = scale;
+        self
+    }
+
+    /// The kernel of the per-block eigenproblems of shared-basis and Block Adam
+    /// ([`BlockEigensolver`]; default batched). Other methods ignore it.
+    pub fn with_eigensolver(mut self, eigensolver: BlockEigensolver) -> Self {
+        match &mut self.config.method {
+            Method::BlockAdam(c) => c.eigensolver = eigensolver,
+            _ => self.sb().eigensolver = eigensolver,
+        }
         self
     }
 
@@ -772,9 +785,10 @@ mod codec {
     const MAGIC: &[u8; 4] = b"PCSB";
     /// 2: `OptimizerConfig` ends with `nonfinite`. 3: `OptimizerConfig` ends with
     /// `max_linalg_failures` and the method states with their `linalg` counts. 4:
-    /// `ParamOptimizer` ends with `refused_in_row` and `SharedBasisConfig` with `rho_scale`.
-    /// Versions 1 to 3 are still read (see [`ADDED`]).
-    const VERSION: u32 = 4;
+    /// `ParamOptimizer` ends with `refused_in_row` and `SharedBasisConfig` with `rho_scale`. 5:
+    /// `SharedBasisConfig` and `BlockAdamConfig` end with `eigensolver`. Versions 1 to 4 are
+    /// still read (see [`ADDED`]).
+    const VERSION: u32 = 5;
 
     /// Fields appended to a struct after version 1, as (version that added it, struct, field),
     /// in the order they were added. A record of an older version ends those structs before
@@ -788,6 +802,8 @@ mod codec {
         (3, "BlockAdam", "linalg"),
         (4, "ParamOptimizer", "refused_in_row"),
         (4, "SharedBasisConfig", "rho_scale"),
+        (5, "SharedBasisConfig", "eigensolver"),
+        (5, "BlockAdamConfig", "eigensolver"),
     ];
 
     /// Whether a record of `version` predates the field `field` of the struct `name`.
@@ -1869,14 +1885,15 @@ mod tests {
         let Method::SharedBasis(sb) = &o.config().method else {
             panic!("a shared-basis parameter")
         };
-        let sb_len = len(codec::encode(sb));
-        let config_end = 8 + len(codec::encode(o.config()));
+        let sb_len = len(codec::encode_as(sb, 4));
+        let config_end = 8 + len(codec::encode_as(o.config(), 4));
         // Fields: config (starting with the method: a u32 variant index and its config), view,
         // path, precond (an Option: one tag byte; a MethodState: a u32 variant index; a
         // SharedBasis, starting with its config), graft, momentum, step, refused_in_row.
-        let state_at = config_end + len(codec::encode(o.view())) + len(codec::encode(&o.path()));
+        let state_at =
+            config_end + len(codec::encode_as(o.view(), 4)) + len(codec::encode_as(&o.path(), 4));
         let sb_at = state_at + 1 + 4;
-        let method_end = state_at + 1 + len(codec::encode(o.preconditioner().unwrap()));
+        let method_end = state_at + 1 + len(codec::encode_as(o.preconditioner().unwrap(), 4));
         let mut cuts = vec![
             8 + 4 + sb_len - 8..8 + 4 + sb_len,
             sb_at + sb_len - 8..sb_at + sb_len,
@@ -1908,8 +1925,11 @@ mod tests {
     /// from a version-4 one, and the codec's own older encodings (`encode_as`, which the other
     /// tests may use) are the same bytes.
     #[test]
-    fn codec_reads_versions_1_to_3() {
-        let cfg = config().with_seed(5);
+    fn codec_reads_versions_1_to_4() {
+        // faer's block eigensolver: what a record older than version 5 decodes to.
+        let cfg = config()
+            .with_seed(5)
+            .with_eigensolver(BlockEigensolver::Faer);
         let mut o = ParamOptimizer::new(cfg.config(), &[6, 5], None, false).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let mut p = normal(30, 1.0, &mut rng);
@@ -1917,9 +1937,25 @@ mod tests {
             let g = normal(30, 1.0, &mut rng);
             o.step(&mut p, &g, 0.1).unwrap();
         }
-        let v4 = encode_param_optimizer(&o);
-        assert_eq!(&v4[4..8], &4u32.to_le_bytes());
-        assert_eq!(codec::encode_as(&o, 4), v4);
+        let v5 = encode_param_optimizer(&o);
+        assert_eq!(&v5[4..8], &5u32.to_le_bytes());
+        // Version 4 lacks the eigensolver (a u32 variant index) ending both copies of the
+        // SharedBasisConfig.
+        let v4 = codec::encode_as(&o, 4);
+        assert_eq!(v4.len(), v5.len() - 8);
+        let back = decode_param_optimizer(&v4).unwrap();
+        assert_eq!(encode_param_optimizer(&back), v5);
+        let Method::SharedBasis(sb) = &back.config().method else {
+            panic!("a shared-basis parameter")
+        };
+        assert_eq!(sb.eigensolver, BlockEigensolver::Faer);
+        // A version-4 record of a default (batched) optimizer loads as faer's.
+        let batched = ParamOptimizer::new(config().config(), &[6, 5], None, false).unwrap();
+        let old = decode_param_optimizer(&codec::encode_as(&batched, 4)).unwrap();
+        let Method::SharedBasis(sb) = &old.config().method else {
+            panic!("a shared-basis parameter")
+        };
+        assert_eq!(sb.eigensolver, BlockEigensolver::Faer);
         for version in 1u32..=3 {
             let (old, cuts) = older_record(&o, &v4, version);
             // The layout older_record assumes: the cuts hold rho_scale = 1.0 (twice),
@@ -1948,7 +1984,7 @@ mod tests {
             assert_eq!(back.config().max_linalg_failures, 3);
             assert_eq!(back.linalg_failures(), 0);
             assert_eq!(back.refused_in_row(), 0);
-            assert_eq!(encode_param_optimizer(&back), v4, "version {version}");
+            assert_eq!(encode_param_optimizer(&back), v5, "version {version}");
             let (mut q, mut p2, mut o2) = (p.clone(), p.clone(), o.clone());
             let mut rng = ChaCha8Rng::seed_from_u64(9);
             for _ in 0..2 {
@@ -1958,7 +1994,7 @@ mod tests {
             }
             assert_eq!(p2, q, "version {version}");
         }
-        // A Skip state round-trips at version 4; a version-4 state read as an older version is
+        // A Skip state round-trips at version 5; a version-5 state read as an older version is
         // refused.
         let skip = ParamOptimizer::new(
             cfg.clone().with_nonfinite(NonFinitePolicy::Skip).config(),
@@ -1970,7 +2006,7 @@ mod tests {
         let bytes = encode_param_optimizer(&skip);
         let back = decode_param_optimizer(&bytes).unwrap();
         assert_eq!(back.config().nonfinite, NonFinitePolicy::Skip);
-        for version in [1, 2, 3] {
+        for version in [1, 2, 3, 4] {
             let mut wrong = bytes.clone();
             wrong[4] = version;
             assert!(decode_param_optimizer(&wrong).is_err(), "version {version}");
@@ -2045,7 +2081,7 @@ mod tests {
         assert!(refused.step(&mut q, &huge, 0.1).is_err());
         assert_eq!(refused.refused_in_row(), 1);
         let v3 = codec::encode_as(&refused, 3);
-        assert_eq!(v3.len(), encode_param_optimizer(&refused).len() - 8);
+        assert_eq!(v3.len(), codec::encode_as(&refused, 4).len() - 8);
         assert_eq!(decode_param_optimizer(&v3).unwrap().refused_in_row(), 0);
     }
 

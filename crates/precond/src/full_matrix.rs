@@ -531,6 +531,7 @@ mod tests {
             beta1: 0.0,
             beta2: 1.0,
             eps: config.eps,
+            ..Default::default()
         };
         let mut full = FullMatrix::<f64>::new(config, b, 1).unwrap();
         let mut block = BlockAdam::<f64>::new(&block_config, b, 1).unwrap();

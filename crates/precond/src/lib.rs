@@ -5,6 +5,7 @@
 //! optax compose optimizers: a [`preconditioner::Preconditioner`] turns a gradient into a raw
 //! direction; grafting, momentum, weight decay and learning-rate schedules wrap it.
 
+pub mod batched_eigen;
 pub mod block_diag;
 #[cfg(feature = "burn")]
 pub mod burn_adapter;
@@ -28,6 +29,7 @@ mod testing;
 pub mod view;
 pub mod weight_decay;
 
+pub use batched_eigen::BlockEigensolver;
 #[cfg(feature = "burn")]
 pub use burn_adapter::{SharedBasisHandle, SharedBasisOptimizer, SharedBasisOptimizerConfig};
 #[cfg(feature = "burn")]

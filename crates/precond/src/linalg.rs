@@ -176,6 +176,12 @@ fn take_fault<T: Scalar>() -> Fault {
     Fault::None
 }
 
+/// Whether an injected failure hits this call of a kernel in `T` (consuming it; always false
+/// outside tests): the batched eigensolver's lanes report such a lane as unsolved.
+pub(crate) fn fault_injected<T: Scalar>() -> bool {
+    take_fault::<T>() != Fault::None
+}
+
 /// Runs `native`; on failure (or an injected one) retries with `wide` in f64 when `T` is f32.
 fn with_retry<T: Scalar, R>(
     native: impl FnOnce() -> Option<R>,

@@ -1745,9 +1745,12 @@ mod tests {
                 })),
             ),
             (
+                // faer's per-chunk path: the batched one recovers a failed lane with faer
+                // (block_diag's `batched_lane_failure_falls_back_to_faer`).
                 "block-adam",
                 with(Method::BlockAdam(BlockAdamConfig {
                     block_size: 4,
+                    eigensolver: crate::BlockEigensolver::Faer,
                     ..Default::default()
                 })),
             ),

@@ -31,6 +31,11 @@
 //! e_i = [c_i; h_i; ν_i], so a power-iteration step costs O(k²) per block, never O(b k).
 //! The exact mode forms E_i and takes its eigenvalues.
 //!
+//! **Per-block kernel.** Steps 4 and 6 need λ_min(R̃_i) and one spectral function of R̃_i
+//! applied to c_i, never the eigenvectors: by default eight blocks at a time go through
+//! [`crate::batched_eigen`] in SIMD lanes ([`SharedBasisConfig::eigensolver`]), R_i is formed
+//! as R̃_i − λ_min I, and a block the pack cannot solve is recomputed by faer.
+//!
 //! The step is transactional: new basis, coefficients and ρ are built in workspaces and swapped
 //! in only when the whole step succeeded, so an error leaves the state as it was.
 //!
@@ -52,9 +57,11 @@
 //! many failures in a row is [`crate::optimizer::ParamOptimizer`]'s job
 //! ([`crate::OptimizerConfig::max_linalg_failures`]).
 
+use crate::batched_eigen::{BlockEigensolver, EigenPack, Isa, LANES};
 use crate::error::{invalid, Result};
 use crate::linalg::{
-    blocks_per_task, gemm, par_layer, symmetrize, thin_q, thin_svd_left, KernelError, SymEig,
+    blocks_per_task, gemm, lower_finite, par_layer, symmetrize, thin_q, thin_svd_left, KernelError,
+    SymEig,
 };
 use crate::preconditioner::{check_finite, check_shapes, check_view, LinalgHealth, Preconditioner};
 use crate::scalar::Scalar;
@@ -139,6 +146,12 @@ pub struct SharedBasisConfig {
     /// it is 1.
     #[serde(default = "unit_scale")]
     pub rho_scale: f64,
+    /// The kernel of the per-block eigenproblems (steps 4 and 6): [`BlockEigensolver::Batched`]
+    /// (default) or faer one block at a time; the same mathematics, rounding apart. Absent from
+    /// a serialized config (states saved before it existed), it is faer, so such a state
+    /// continues bit for bit.
+    #[serde(default = "BlockEigensolver::legacy")]
+    pub eigensolver: BlockEigensolver,
 }
 
 /// The ρ multiplier of [`SharedBasisConfig::tuned`] (and of the `shared-basis` preset of the
@@ -160,6 +173,7 @@ impl Default for SharedBasisConfig {
             beta2: 1.0,
             seed: 0,
             rho_scale: 1.0,
+            eigensolver: BlockEigensolver::Batched,
         }
     }
 }
@@ -422,6 +436,10 @@ struct BlockScratch<T: Scalar> {
     v: Vec<T>,
     w: Vec<T>,
     exact: Option<(Mat<T>, SymEig<T>)>,
+    /// The batched path's pack, its blocks' R̃_i and c_i.
+    pack: Option<EigenPack<T>>,
+    tildes: Vec<Mat<T>>,
+    coefs: Vec<T>,
 }
 
 impl<T: Scalar> SharedBasis<T> {
@@ -816,6 +834,18 @@ impl<T: Scalar> BlockScratch<T> {
             v: vec![T::zero(); k],
             w: vec![T::zero(); k],
             exact: exact.then(|| (Mat::zeros(n, n), SymEig::new(n))),
+            pack: None,
+            tildes: Vec::new(),
+            coefs: Vec::new(),
+        }
+    }
+
+    /// The batched path's workspace, built on first use.
+    fn for_packs(&mut self, k: usize) {
+        if self.pack.as_ref().map(|p| p.dim()) != Some(k) {
+            self.pack = Some(EigenPack::new(k));
+            self.tildes = (0..LANES).map(|_| Mat::zeros(k, k)).collect();
+            self.coefs = vec![T::zero(); k];
         }
     }
 }
@@ -933,7 +963,187 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         y[kr] += nu * ex;
     }
 
-    /// Steps 3–6 for block `i`: writes R_i, ρ_i and the direction coefficients.
+    /// δ_i of step 5 by the chosen policy ([`RhoMode`]), the residual
+    /// E_i = M_i − B_t R_i B_tᵀ in W coordinates (module docs); Err for an overflow or a
+    /// failed exact-mode eigendecomposition.
+    fn increment(
+        &self,
+        i: usize,
+        sc: &mut BlockScratch<T>,
+        r_old: MatRef<'_, T>,
+        r_new: MatRef<'_, T>,
+        lambda_min: T,
+    ) -> std::result::Result<T, BlockOutcome> {
+        let k = self.k;
+        let n = k + self.extra + 1;
+        let norm = match self.rho {
+            RhoMode::FrequentDirections => {
+                // max(λ_min(R̃_i), 0) + |(I − B_t B_tᵀ) g'_i|²: h'_i and ν_i hold g'_i's part
+                // outside B_t.
+                let e = self.wide_coef.col(i);
+                let outside = (k..k + self.extra)
+                    .fold(self.outside[i] * self.outside[i], |acc, j| {
+                        acc + e[j] * e[j]
+                    });
+                let shrink = if lambda_min > T::zero() {
+                    lambda_min
+                } else {
+                    T::zero()
+                };
+                shrink + outside
+            }
+            RhoMode::RandomStart(iters) => {
+                let (x, y) = (&mut sc.x[..n], &mut sc.y[..n]);
+                let start_sq = self.random_start(i, x);
+                let mut est = T::zero();
+                let mut len_x = start_sq.sqrt();
+                for _ in 0..iters {
+                    if len_x <= T::zero() {
+                        break;
+                    }
+                    self.residual_apply(i, r_old, r_new, x, y, &mut sc.u, &mut sc.v);
+                    let len = norm2(y);
+                    if !len.is_finite() {
+                        return Err(BlockOutcome::Overflow);
+                    }
+                    est = len / len_x;
+                    if len <= T::zero() {
+                        break;
+                    }
+                    x.copy_from_slice(y);
+                    len_x = len;
+                }
+                est
+            }
+            RhoMode::Rayleigh => {
+                let (x, y) = (&mut sc.x[..n], &mut sc.y[..n]);
+                let start_sq = self.random_start(i, x);
+                if start_sq > T::zero() {
+                    self.residual_apply(i, r_old, r_new, x, y, &mut sc.u, &mut sc.v);
+                    let q = dot(x, y) / start_sq;
+                    if !q.is_finite() {
+                        return Err(BlockOutcome::Overflow);
+                    }
+                    q.abs()
+                } else {
+                    T::zero()
+                }
+            }
+            RhoMode::PowerIteration(iters) => {
+                let (x, y) = (&mut sc.x[..n], &mut sc.y[..n]);
+                // Start from the gradient's coordinates plus a constant vector, normalized.
+                let e = self.wide_coef.col(i);
+                let spread = T::one() / T::of(n as f64).sqrt();
+                for (j, v) in x.iter_mut().enumerate() {
+                    let ej = if j + 1 < n { e[j] } else { self.outside[i] };
+                    *v = ej;
+                }
+                let enorm = norm2(x);
+                let enorm = if enorm > T::zero() { enorm } else { T::one() };
+                x.iter_mut().for_each(|v| *v = *v / enorm + spread);
+                let xn = dot(x, x).sqrt();
+                x.iter_mut().for_each(|v| *v /= xn);
+                let mut est = T::zero();
+                for _ in 0..iters {
+                    self.residual_apply(i, r_old, r_new, x, y, &mut sc.u, &mut sc.v);
+                    let len = norm2(y);
+                    if !len.is_finite() {
+                        // An overflowed residual: refuse the step rather than store ρ = 0.
+                        return Err(BlockOutcome::Overflow);
+                    }
+                    est = len;
+                    if len <= T::zero() {
+                        break;
+                    }
+                    for (xv, &yv) in x.iter_mut().zip(y.iter()) {
+                        *xv = yv / len;
+                    }
+                }
+                est
+            }
+            RhoMode::Exact => {
+                let Some((dense, eig)) = sc.exact.as_mut() else {
+                    return Err(BlockOutcome::Overflow);
+                };
+                let x = &mut sc.x[..n];
+                let y = &mut sc.y[..n];
+                for j in 0..n {
+                    x.iter_mut().for_each(|v| *v = T::zero());
+                    x[j] = T::one();
+                    self.residual_apply(i, r_old, r_new, x, y, &mut sc.u, &mut sc.v);
+                    for (r, &v) in y.iter().enumerate() {
+                        dense[(r, j)] = v;
+                    }
+                }
+                let mut sub = dense.as_mut().submatrix_mut(0, 0, n, n);
+                symmetrize(sub.rb_mut());
+                let fits = eig.dim() == n;
+                let mut local;
+                let eig = if fits {
+                    eig
+                } else {
+                    local = SymEig::<T>::new(n);
+                    &mut local
+                };
+                match eig.decompose(sub.rb()) {
+                    Ok(()) => {}
+                    Err(KernelError::Failed) => return Err(BlockOutcome::KernelFailed),
+                    Err(KernelError::NonFiniteInput) => return Err(BlockOutcome::Overflow),
+                }
+                let lo = eig.value(0).abs();
+                let hi = eig.value(n - 1).abs();
+                if lo > hi {
+                    lo
+                } else {
+                    hi
+                }
+            }
+        };
+        Ok(norm)
+    }
+
+    /// Step 3 for block `i`: R̃_i = β2 Q R_i Qᵀ + γ c_i c_iᵀ into `tilde` (symmetric), using
+    /// `tmp` as scratch.
+    fn form_tilde(&self, i: usize, tmp: &mut Mat<T>, tilde: &mut Mat<T>) {
+        let k = self.k;
+        let kk = k * k;
+        let r_old = MatRef::from_column_major_slice(&self.old_coeffs[i * kk..(i + 1) * kk], k, k);
+        let c = self.coef_new.col(i);
+        if self.has_basis {
+            gemm(
+                tmp.as_mut(),
+                false,
+                self.overlap,
+                r_old,
+                self.decay,
+                Par::Seq,
+            );
+            gemm(
+                tilde.as_mut(),
+                false,
+                tmp.as_ref(),
+                self.overlap.transpose(),
+                T::one(),
+                Par::Seq,
+            );
+        } else {
+            tilde.fill(T::zero());
+        }
+        let gamma = self.grad_scale * self.grad_scale;
+        let c_mat = c.as_mat();
+        gemm(
+            tilde.as_mut(),
+            true,
+            c_mat,
+            c_mat.transpose(),
+            gamma,
+            Par::Seq,
+        );
+        symmetrize(tilde.as_mut());
+    }
+
+    /// Steps 3–6 for block `i` with faer's eigendecomposition: writes R_i, ρ_i and the
+    /// direction coefficients.
     fn run(
         &self,
         i: usize,
@@ -946,39 +1156,8 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         let k = self.k;
         let kk = k * k;
         let r_old = MatRef::from_column_major_slice(&self.old_coeffs[i * kk..(i + 1) * kk], k, k);
-        let c = self.coef_new.col(i);
-        // Step 3: R̃_i = β2 Q R_i Qᵀ + γ c_i c_iᵀ.
-        if self.has_basis {
-            gemm(
-                sc.tmp.as_mut(),
-                false,
-                self.overlap,
-                r_old,
-                self.decay,
-                Par::Seq,
-            );
-            gemm(
-                sc.tilde.as_mut(),
-                false,
-                sc.tmp.as_ref(),
-                self.overlap.transpose(),
-                T::one(),
-                Par::Seq,
-            );
-        } else {
-            sc.tilde.fill(T::zero());
-        }
-        let gamma = self.grad_scale * self.grad_scale;
-        let c_mat = c.as_mat();
-        gemm(
-            sc.tilde.as_mut(),
-            true,
-            c_mat,
-            c_mat.transpose(),
-            gamma,
-            Par::Seq,
-        );
-        symmetrize(sc.tilde.as_mut());
+        let c_mat = self.coef_new.col(i).as_mat();
+        self.form_tilde(i, &mut sc.tmp, &mut sc.tilde);
         // Step 4: R_i = R̃_i − λ_min I = V diag(λ − λ_min) Vᵀ.
         match sc.eig.decompose(sc.tilde.as_ref()) {
             Ok(()) => {}
@@ -1007,140 +1186,12 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
             Par::Seq,
         );
         symmetrize(r_new.rb_mut());
-        // Step 5: ρ_i ← β2 ρ_i + s·δ_i, δ_i by the chosen policy ([`RhoMode`]); the residual
-        // E_i = M_i − B_t R_i B_tᵀ in W coordinates (module docs).
-        let n = k + self.extra + 1;
-        let norm = match self.rho {
-            RhoMode::FrequentDirections => {
-                // max(λ_min(R̃_i), 0) + |(I − B_t B_tᵀ) g'_i|²: h'_i and ν_i hold g'_i's part
-                // outside B_t.
-                let e = self.wide_coef.col(i);
-                let outside = (k..k + self.extra)
-                    .fold(self.outside[i] * self.outside[i], |acc, j| {
-                        acc + e[j] * e[j]
-                    });
-                let shrink = if lambda_min > T::zero() {
-                    lambda_min
-                } else {
-                    T::zero()
-                };
-                shrink + outside
-            }
-            RhoMode::RandomStart(iters) => {
-                let (x, y) = (&mut sc.x[..n], &mut sc.y[..n]);
-                let start_sq = self.random_start(i, x);
-                let mut est = T::zero();
-                let mut len_x = start_sq.sqrt();
-                for _ in 0..iters {
-                    if len_x <= T::zero() {
-                        break;
-                    }
-                    self.residual_apply(i, r_old, r_new.rb(), x, y, &mut sc.u, &mut sc.v);
-                    let len = norm2(y);
-                    if !len.is_finite() {
-                        return BlockOutcome::Overflow;
-                    }
-                    est = len / len_x;
-                    if len <= T::zero() {
-                        break;
-                    }
-                    x.copy_from_slice(y);
-                    len_x = len;
-                }
-                est
-            }
-            RhoMode::Rayleigh => {
-                let (x, y) = (&mut sc.x[..n], &mut sc.y[..n]);
-                let start_sq = self.random_start(i, x);
-                if start_sq > T::zero() {
-                    self.residual_apply(i, r_old, r_new.rb(), x, y, &mut sc.u, &mut sc.v);
-                    let q = dot(x, y) / start_sq;
-                    if !q.is_finite() {
-                        return BlockOutcome::Overflow;
-                    }
-                    q.abs()
-                } else {
-                    T::zero()
-                }
-            }
-            RhoMode::PowerIteration(iters) => {
-                let (x, y) = (&mut sc.x[..n], &mut sc.y[..n]);
-                // Start from the gradient's coordinates plus a constant vector, normalized.
-                let e = self.wide_coef.col(i);
-                let spread = T::one() / T::of(n as f64).sqrt();
-                for (j, v) in x.iter_mut().enumerate() {
-                    let ej = if j + 1 < n { e[j] } else { self.outside[i] };
-                    *v = ej;
-                }
-                let enorm = norm2(x);
-                let enorm = if enorm > T::zero() { enorm } else { T::one() };
-                x.iter_mut().for_each(|v| *v = *v / enorm + spread);
-                let xn = dot(x, x).sqrt();
-                x.iter_mut().for_each(|v| *v /= xn);
-                let mut est = T::zero();
-                for _ in 0..iters {
-                    self.residual_apply(i, r_old, r_new.rb(), x, y, &mut sc.u, &mut sc.v);
-                    let len = norm2(y);
-                    if !len.is_finite() {
-                        // An overflowed residual: refuse the step rather than store ρ = 0.
-                        return BlockOutcome::Overflow;
-                    }
-                    est = len;
-                    if len <= T::zero() {
-                        break;
-                    }
-                    for (xv, &yv) in x.iter_mut().zip(y.iter()) {
-                        *xv = yv / len;
-                    }
-                }
-                est
-            }
-            RhoMode::Exact => {
-                let Some((dense, eig)) = sc.exact.as_mut() else {
-                    return BlockOutcome::Overflow;
-                };
-                let x = &mut sc.x[..n];
-                let y = &mut sc.y[..n];
-                for j in 0..n {
-                    x.iter_mut().for_each(|v| *v = T::zero());
-                    x[j] = T::one();
-                    self.residual_apply(i, r_old, r_new.rb(), x, y, &mut sc.u, &mut sc.v);
-                    for (r, &v) in y.iter().enumerate() {
-                        dense[(r, j)] = v;
-                    }
-                }
-                let mut sub = dense.as_mut().submatrix_mut(0, 0, n, n);
-                symmetrize(sub.rb_mut());
-                let fits = eig.dim() == n;
-                let mut local;
-                let eig = if fits {
-                    eig
-                } else {
-                    local = SymEig::<T>::new(n);
-                    &mut local
-                };
-                match eig.decompose(sub.rb()) {
-                    Ok(()) => {}
-                    Err(KernelError::Failed) => return BlockOutcome::KernelFailed,
-                    Err(KernelError::NonFiniteInput) => return BlockOutcome::Overflow,
-                }
-                let lo = eig.value(0).abs();
-                let hi = eig.value(n - 1).abs();
-                if lo > hi {
-                    lo
-                } else {
-                    hi
-                }
-            }
+        // Step 5: ρ_i ← β2 ρ_i + s·δ_i, δ_i by the chosen policy ([`RhoMode`]).
+        let norm = match self.increment(i, sc, r_old, r_new.rb(), lambda_min) {
+            Ok(norm) => norm,
+            Err(outcome) => return outcome,
         };
-        // δ_i ≥ 0 for every policy; s ≥ 0 (validated), so ρ_i ≥ 0 and ρ_i + ε > 0. s = 1 is
-        // exact: Algorithm 1's ρ bit for bit.
-        let increment = if self.rho_scale == T::one() {
-            norm
-        } else {
-            self.rho_scale * norm
-        };
-        let rho = self.decay * self.old_lost_mass[i] + increment;
+        let rho = self.updated_lost_mass(i, norm);
         *lost_mass = rho;
         // Step 6 (eq. 6): u_i = −B (R_i + cI)^{−1/2} Bᵀ g_i + c^{−1/2} B Bᵀ g_i − c^{−1/2} g_i,
         // c = ρ_i + ε. The first two terms are B V diag((l + c)^{−1/2} − c^{−1/2}) Vᵀ c_i,
@@ -1174,6 +1225,121 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         );
         *iso_scale = iso;
         BlockOutcome::Done
+    }
+
+    /// ρ_i ← β2 ρ_i + s·δ_i. δ_i ≥ 0 for every policy; s ≥ 0 (validated), so ρ_i ≥ 0 and
+    /// ρ_i + ε > 0. s = 1 is exact: Algorithm 1's ρ bit for bit.
+    fn updated_lost_mass(&self, i: usize, norm: T) -> T {
+        let increment = if self.rho_scale == T::one() {
+            norm
+        } else {
+            self.rho_scale * norm
+        };
+        self.decay * self.old_lost_mass[i] + increment
+    }
+
+    /// Steps 3–6 for the blocks `first..first + n` (n = `lost_mass.len()` ≤ [`LANES`]) with
+    /// the batched eigensolver ([`crate::batched_eigen`]); the slices hold those blocks' R_i,
+    /// ρ_i, direction coefficients and (ρ_i + ε)^{−1/2}. Step 4 is R_i = R̃_i − λ_min I itself
+    /// (mathematically V diag(λ − λ_min) Vᵀ); step 6 applies
+    /// diag((l + c)^{−1/2} − c^{−1/2}) in the eigenbasis to c_i without forming V. A block the
+    /// pack cannot solve goes through faer ([`Self::run`]).
+    fn run_pack(
+        &self,
+        first: usize,
+        sc: &mut BlockScratch<T>,
+        coeffs: &mut [T],
+        lost_mass: &mut [T],
+        dirs: &mut [T],
+        iso: &mut [T],
+    ) -> BlockOutcome {
+        let k = self.k;
+        let kk = k * k;
+        let count = lost_mass.len();
+        sc.for_packs(k);
+        let Some(mut pack) = sc.pack.take() else {
+            return BlockOutcome::KernelFailed;
+        };
+        let mut tildes = std::mem::take(&mut sc.tildes);
+        let mut worst = BlockOutcome::Done;
+        let mut loaded = [false; LANES];
+        for lane in 0..LANES {
+            if lane >= count {
+                pack.clear(lane);
+                continue;
+            }
+            let i = first + lane;
+            let tilde = &mut tildes[lane];
+            self.form_tilde(i, &mut sc.tmp, tilde);
+            if !lower_finite(tilde.as_ref()) {
+                pack.clear(lane);
+                worst = worst.max(BlockOutcome::Overflow);
+                continue;
+            }
+            for (dst, &v) in sc.coefs.iter_mut().zip(self.coef_new.col(i).iter()) {
+                *dst = v;
+            }
+            let tilde = &tildes[lane];
+            pack.load(lane, |r, c| tilde[(r, c)], &sc.coefs);
+            loaded[lane] = true;
+        }
+        let solved = pack.solve(Isa::Detect);
+        let mut done = [false; LANES];
+        for lane in 0..count {
+            if !loaded[lane] {
+                continue;
+            }
+            let i = first + lane;
+            let r_new =
+                MatMut::from_column_major_slice_mut(&mut coeffs[lane * kk..(lane + 1) * kk], k, k);
+            if !solved[lane] {
+                let dir =
+                    MatMut::from_column_major_slice_mut(&mut dirs[lane * k..(lane + 1) * k], k, 1);
+                let outcome = self.run(i, sc, r_new, &mut lost_mass[lane], dir, &mut iso[lane]);
+                worst = worst.max(outcome);
+                continue;
+            }
+            let lambda_min = (0..k)
+                .map(|j| pack.eigenvalue(lane, j))
+                .fold(T::infinity(), |a, b| a.min(b));
+            // Step 4: R_i = R̃_i − λ_min I.
+            let mut r_new = r_new;
+            r_new.copy_from(tildes[lane].as_ref());
+            for j in 0..k {
+                r_new[(j, j)] -= lambda_min;
+            }
+            let r_old =
+                MatRef::from_column_major_slice(&self.old_coeffs[i * kk..(i + 1) * kk], k, k);
+            // Step 5.
+            let norm = match self.increment(i, sc, r_old, r_new.rb(), lambda_min) {
+                Ok(norm) => norm,
+                Err(outcome) => {
+                    worst = worst.max(outcome);
+                    continue;
+                }
+            };
+            let rho = self.updated_lost_mass(i, norm);
+            lost_mass[lane] = rho;
+            // Step 6 (eq. 6), as in `run`: w = diag((l + c)^{−1/2} − c^{−1/2}) Vᵀ c_i.
+            let shift = rho + self.eps;
+            let iso_l = T::one() / shift.sqrt();
+            iso[lane] = iso_l;
+            for j in 0..k {
+                let l = pack.eigenvalue(lane, j) - lambda_min;
+                let l = if l > T::zero() { l } else { T::zero() };
+                pack.weight(lane, j, T::one() / (l + shift).sqrt() - iso_l);
+            }
+            done[lane] = true;
+        }
+        pack.back_transform(Isa::Detect);
+        for lane in (0..count).filter(|&l| done[l]) {
+            for (r, d) in dirs[lane * k..(lane + 1) * k].iter_mut().enumerate() {
+                *d = pack.result(lane, r);
+            }
+        }
+        sc.pack = Some(pack);
+        sc.tildes = tildes;
+        worst
     }
 }
 
@@ -1373,7 +1539,13 @@ impl<T: Scalar> SharedBasis<T> {
             outside: &w.outside,
         };
         let exact = matches!(self.config.rho, RhoMode::Exact);
-        let chunk = blocks_per_task(m);
+        let batched = self.config.eigensolver == BlockEigensolver::Batched;
+        // The batched path's packs are blocks [8p, 8p + 8) whatever the thread count.
+        let chunk = if batched {
+            blocks_per_task(m).next_multiple_of(LANES)
+        } else {
+            blocks_per_task(m)
+        };
         let kk = k * k;
         // Every block runs (no short cut), so that the worst outcome does not depend on the
         // scheduling.
@@ -1388,6 +1560,20 @@ impl<T: Scalar> SharedBasis<T> {
                 let mut sc = BlockScratch::new(k, k + extra + 1, exact);
                 let first = c * chunk;
                 let mut worst = BlockOutcome::Done;
+                if batched {
+                    for (p, start) in (0..rho.len()).step_by(LANES).enumerate() {
+                        let end = (start + LANES).min(rho.len());
+                        worst = worst.max(inputs.run_pack(
+                            first + p * LANES,
+                            &mut sc,
+                            &mut coeffs[start * kk..end * kk],
+                            &mut rho[start..end],
+                            &mut dirs[start * k..end * k],
+                            &mut iso[start..end],
+                        ));
+                    }
+                    return worst;
+                }
                 for j in 0..rho.len() {
                     let r_new = MatMut::from_column_major_slice_mut(
                         &mut coeffs[j * kk..(j + 1) * kk],

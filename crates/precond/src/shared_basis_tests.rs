@@ -562,13 +562,19 @@ fn rel_err_f32(a: &Mat<f32>, want: &Mat<f64>) -> f64 {
 fn failed_factorization_keeps_the_previous_state() {
     on_one_thread(|| {
         let (b, m, k) = (8, 5, 3);
+        // faer's per-block path: every factorization is one call (the batched path recovers
+        // a failed lane with faer: `batched_lane_failures_fall_back_to_faer`).
+        let faer = |cfg| SharedBasisConfig {
+            eigensolver: BlockEigensolver::Faer,
+            ..cfg
+        };
         let configs = [
-            config(k, RhoMode::PowerIteration(10), 1e-6),
-            SharedBasisConfig {
+            faer(config(k, RhoMode::PowerIteration(10), 1e-6)),
+            faer(SharedBasisConfig {
                 oversample: 2,
                 power_iters: 2,
                 ..config(k, RhoMode::Exact, 1e-6)
-            },
+            }),
         ];
         for cfg in configs {
             let grads = stream_f32(b, m, 4, 41);
@@ -691,6 +697,7 @@ fn f32_factorization_failure_is_retried_in_f64() {
         let (b, m, k) = (8, 5, 3);
         let cfg = SharedBasisConfig {
             oversample: 1,
+            eigensolver: BlockEigensolver::Faer,
             ..config(k, RhoMode::PowerIteration(10), 1e-6)
         };
         let grads = stream_f32(b, m, 6, 43);
@@ -969,4 +976,86 @@ fn ridge_report_and_captured_energy_match_dense_references() {
         state.captured_energy(Mat::<f64>::zeros(b, m + 1).as_ref()),
         Err(PrecondError::ShapeMismatch { .. })
     ));
+}
+
+/// A lane of the batched eigensolver that fails is recomputed by faer: with one injected
+/// failure that block's new coefficients, ρ and direction are bitwise those of the faer path,
+/// every other block's those of the batched run, and nothing is counted; when faer fails too
+/// the layer keeps its previous state as for the faer path.
+#[test]
+fn batched_lane_failures_fall_back_to_faer() {
+    on_one_thread(|| {
+        let (b, m, k) = (10, 11, 4);
+        let batched = config(k, RhoMode::PowerIteration(10), 1e-6);
+        let faer = SharedBasisConfig {
+            eigensolver: BlockEigensolver::Faer,
+            ..batched.clone()
+        };
+        let grads = stream_f32(b, m, 4, 47);
+        let mut base = SharedBasis::<f32>::new(batched, b, m).unwrap();
+        let mut dir = Mat::<f32>::zeros(b, m);
+        for g in &grads[..3] {
+            base.precondition(g.as_ref(), dir.as_mut()).unwrap();
+        }
+        let run = |st: &SharedBasis<f32>, fails: usize, skip: usize| {
+            let mut st = st.clone();
+            let mut u = Mat::<f32>::zeros(b, m);
+            inject_failures_after(skip, FaultKind::Both, fails);
+            st.precondition(grads[3].as_ref(), u.as_mut()).unwrap();
+            let left = injected_remaining();
+            inject_failures(FaultKind::Both, 0);
+            (st, u, left)
+        };
+        let (plain, plain_u, _) = run(&base, 0, 0);
+        let mut as_faer = serde_json::to_value(&base).unwrap();
+        as_faer["config"] = serde_json::to_value(&faer).unwrap();
+        let as_faer: SharedBasis<f32> = serde_json::from_value(as_faer).unwrap();
+        let (reference, reference_u, _) = run(&as_faer, 0, 0);
+        // The layer-level factorizations (QR, complement SVD) come first: find the first
+        // per-block call by skipping them.
+        let mut seen_lane = false;
+        for skip in 0..12 {
+            let (st, u, left) = run(&base, 1, skip);
+            assert_eq!(left, 0);
+            if st.linalg_health() != LinalgHealth::default() {
+                continue; // a layer-level factorization failed (kept state, tested elsewhere)
+            }
+            let changed: Vec<usize> = (0..m)
+                .filter(|&i| st.coeffs(i) != plain.coeffs(i))
+                .collect();
+            if changed.is_empty() {
+                continue;
+            }
+            assert_eq!(changed.len(), 1, "skip {skip}: {changed:?}");
+            let i = changed[0];
+            seen_lane = true;
+            assert_eq!(st.coeffs(i), reference.coeffs(i));
+            assert_eq!(st.lost_mass()[i], reference.lost_mass()[i]);
+            assert_eq!(u.col(i), reference_u.col(i));
+            for j in (0..m).filter(|&j| j != i) {
+                assert_eq!(u.col(j), plain_u.col(j));
+            }
+            // Enough failures from there on that the lane's faer recomputation fails too
+            // (but not the kept state's own eigendecompositions): the previous state is kept.
+            let kept = (2..64).find_map(|n| {
+                let mut st = base.clone();
+                let mut u = Mat::<f32>::zeros(b, m);
+                inject_failures_after(skip, FaultKind::Both, n);
+                let ok = st.precondition(grads[3].as_ref(), u.as_mut()).is_ok();
+                inject_failures(FaultKind::Both, 0);
+                let health = st.linalg_health();
+                (ok && (health.failures, health.consecutive) == (1, 1)).then_some(st)
+            });
+            let kept = kept.expect("a failed faer recomputation keeps the state");
+            assert_eq!(kept.basis(), base.basis());
+            for j in 0..m {
+                assert_eq!(kept.coeffs(j), base.coeffs(j));
+            }
+            break;
+        }
+        assert!(seen_lane, "no per-block call found");
+        // The batched and faer paths agree to f32 rounding.
+        let err = rel_err_f32(&plain_u, &to_f64(reference_u.as_ref()));
+        assert!(err < 1e-5, "{err:e}");
+    });
 }

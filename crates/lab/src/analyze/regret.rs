@@ -767,6 +767,7 @@ impl Precond {
                     beta1: 0.0,
                     beta2: 1.0,
                     eps,
+                    ..BlockAdamConfig::default()
                 },
                 b,
                 m,
