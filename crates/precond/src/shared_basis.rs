@@ -279,6 +279,10 @@ struct Workspace<T: Scalar> {
     ay_exponent: i32,
     /// 2^{−2e}·[R_1 … R_m] (k × mk): the coefficients as S is formed from them.
     scaled_coeffs: Mat<T>,
+    /// The batched path's β2 Q R_i Qᵀ for every block (k × mk, block i in columns
+    /// ik..(i+1)k), and the block transposes of β2 Q R_i on the way.
+    rotated: Mat<T>,
+    flipped: Mat<T>,
     /// New state, swapped in at the end of a successful step.
     new_basis: Vec<T>,
     new_coeffs: Vec<T>,
@@ -309,6 +313,8 @@ impl<T: Scalar> Default for Workspace<T> {
             sq_norms: Vec::new(),
             ay_exponent: 0,
             scaled_coeffs: empty(),
+            rotated: empty(),
+            flipped: empty(),
             new_basis: Vec::new(),
             new_coeffs: Vec::new(),
             new_lost_mass: Vec::new(),
@@ -423,6 +429,8 @@ struct BlockInputs<'a, T: Scalar> {
     /// B_tᵀ G (k × m), unscaled.
     coef_new: MatRef<'a, T>,
     outside: &'a [T],
+    /// The batched path's β2 Q R_i Qᵀ of every block (k × mk), formed by two layer GEMMs.
+    rotated: Option<MatRef<'a, T>>,
 }
 
 /// Per-thread scratch of the per-block pass.
@@ -1109,7 +1117,9 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         let kk = k * k;
         let r_old = MatRef::from_column_major_slice(&self.old_coeffs[i * kk..(i + 1) * kk], k, k);
         let c = self.coef_new.col(i);
-        if self.has_basis {
+        if let Some(rotated) = self.rotated.filter(|_| self.has_basis) {
+            tilde.copy_from(rotated.submatrix(0, i * k, k, k));
+        } else if self.has_basis {
             gemm(
                 tmp.as_mut(),
                 false,
@@ -1470,6 +1480,42 @@ impl<T: Scalar> SharedBasis<T> {
             );
         }
 
+        // The batched path forms every β2 Q R_i Qᵀ by two layer GEMMs: β2 Q [R_1 … R_m], the
+        // block transposes β2 R_i Qᵀ (R_i is symmetric), then Q times those.
+        let batched = self.config.eigensolver == BlockEigensolver::Batched;
+        if batched && has_basis {
+            let w = &mut self.work;
+            if w.rotated.nrows() != k || w.rotated.ncols() != m * k {
+                w.rotated = Mat::zeros(k, m * k);
+                w.flipped = Mat::zeros(k, m * k);
+            }
+            let stacked = MatRef::from_column_major_slice(&self.coeffs, k, m * k);
+            gemm(
+                w.rotated.as_mut(),
+                false,
+                w.overlap.as_ref(),
+                stacked,
+                decay,
+                par_layer(),
+            );
+            let rotated = w.rotated.as_ref();
+            for i in 0..m {
+                let src = rotated.submatrix(0, i * k, k, k);
+                w.flipped
+                    .as_mut()
+                    .submatrix_mut(0, i * k, k, k)
+                    .copy_from(src.transpose());
+            }
+            gemm(
+                w.rotated.as_mut(),
+                false,
+                w.overlap.as_ref(),
+                w.flipped.as_ref(),
+                T::one(),
+                par_layer(),
+            );
+        }
+
         // Step 5's coordinates: W = [B_t | B_⊥] spanning span(B_t, B_{t−1}), Wᵀ G' and the
         // norm ν_i of each g'_i outside span(W).
         let extra = if has_basis {
@@ -1537,9 +1583,9 @@ impl<T: Scalar> SharedBasis<T> {
             wide_coef: w.wide_coef.as_ref(),
             coef_new: w.coef_new.as_ref(),
             outside: &w.outside,
+            rotated: (batched && has_basis).then(|| w.rotated.as_ref()),
         };
         let exact = matches!(self.config.rho, RhoMode::Exact);
-        let batched = self.config.eigensolver == BlockEigensolver::Batched;
         // The batched path's packs are blocks [8p, 8p + 8) whatever the thread count.
         let chunk = if batched {
             blocks_per_task(m).next_multiple_of(LANES)

@@ -13,6 +13,7 @@
 pub mod ablate;
 pub mod blocks;
 pub mod direction;
+pub mod eigensolver;
 pub mod features;
 pub mod plot;
 pub mod regret;
@@ -60,6 +61,9 @@ pub enum AnalyzeTask {
     /// Each lost-mass policy's direction against exact block Adagrad: ridge ρ_i over λ_max(R_i),
     /// eigenvalues above the ridge, captured energy and cosines on real gradient streams
     Direction(direction::DirectionArgs),
+    /// The batched block eigensolver against faer's on real gradient streams: relative
+    /// difference of shared-basis' and Block Adam's directions per step
+    Eigensolver(eigensolver::EigensolverArgs),
 }
 
 /// Why an analysis could not run.
@@ -89,6 +93,7 @@ pub fn command(task: &AnalyzeTask, stop: &AtomicBool) -> Result<(), AnalyzeError
         AnalyzeTask::Ablate(args) => ablate::run(args, stop),
         AnalyzeTask::Regret(args) => regret::run(args, stop),
         AnalyzeTask::Direction(args) => direction::run(args, stop),
+        AnalyzeTask::Eigensolver(args) => eigensolver::run(args, stop),
     }
 }
 
