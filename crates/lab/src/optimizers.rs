@@ -716,7 +716,7 @@ fn build_muon(
         .with_beta_2(h.beta2 as f32)
         .with_epsilon(h.eps as f32)
         .with_weight_decay(h.weight_decay as f32);
-    let decay = (h.weight_decay != 0.0).then(|| BurnWeightDecay {
+    let decay = (h.weight_decay != 0.0).then_some(BurnWeightDecay {
         penalty: h.weight_decay as f32,
     });
     let muon = MuonConfig::new()
