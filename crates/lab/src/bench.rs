@@ -37,7 +37,7 @@ use thiserror::Error;
 use crate::autoencoder::{sigmoid_cross_entropy, Autoencoder, WIDTHS};
 use crate::mnist::{self, PIXELS};
 use crate::optimizers::{
-    block_eigensolver, build_optimizer, library_config, OptimizerError, OptimizerHparams,
+    block_eigensolver, build_optimizer_for, library_config, OptimizerError, OptimizerHparams,
 };
 use crate::report;
 use crate::train::{self, Machine, DEFAULT_DATA};
@@ -229,8 +229,8 @@ pub fn step(args: &StepArgs) -> Result<StepReport, BenchError> {
     let mut results = Vec::new();
     for name in &args.optimizers {
         let h = steady_preset(name)?;
-        let mut built = build_optimizer(&h)?;
         let mut model = Autoencoder::new(args.seed, &device);
+        let mut built = build_optimizer_for(&h, &model)?;
         let (mut fwd_bwd, mut opt) = (Vec::new(), Vec::new());
         for s in 0..warmup + steps {
             let pixels = batches[s % batches.len()].clone();

@@ -4,15 +4,22 @@
 //! any per-tensor `burn::optim::Optimizer` converts into (`ModuleOptimizer::from(optim)`), with
 //! `to_record`/`load_record` for checkpoints. Each optimizer also says how many bytes of state
 //! it keeps ([`BuiltOptimizer::state_bytes`]): for ours, the library's own accounting.
+//!
+//! Two modern baselines: `soap` is the library's [`Method::Soap`] through the burn adapter;
+//! `muon` is burn's own Muon (Newton–Schulz orthogonalized momentum) for the 2-D weights, with
+//! burn's AdamW for every other parameter, as one [`ModuleOptimizer`] with a parameter group.
 
-use burn::module::{Module, ParamId};
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::decay::WeightDecayConfig as BurnWeightDecay;
-use burn::optim::{AdamConfig, ModuleOptimizer};
+use burn::optim::momentum::MomentumConfig as BurnMomentum;
+use burn::optim::{AdamConfig, AdamWConfig, AdjustLrFn, ModuleOptimizer, MuonConfig};
+use burn::tensor::Tensor;
 use precond::block_diag::BlockAdamConfig;
 use precond::burn_adapter::param_names;
 use precond::optimizer::NonFinitePolicy;
 use precond::shampoo::ShampooConfig;
 use precond::sketchy::SketchyConfig;
+use precond::soap::SoapConfig;
 use precond::{
     BlockEigensolver, Fallback, GraftKind, Method, PrecondError, RhoMode, SharedBasisConfig,
     SharedBasisHandle, SharedBasisOptimizerConfig, WeightDecayConfig, WeightDecayMode,
@@ -29,6 +36,8 @@ pub const OPTIMIZERS: &[&str] = &[
     "shampoo-1000",
     "sketchy",
     "block-adam",
+    "soap",
+    "muon",
 ];
 
 /// Names accepted by `--graft` (NOTES §4; the paper's choice is `rmsprop-normalized`).
@@ -140,10 +149,12 @@ pub struct LibraryHparams {
     /// `batched`; runs recorded before it existed used `faer`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eigensolver: Option<String>,
-    /// Shampoo, Sketchy: largest block side.
+    /// Shampoo, Sketchy: largest block side; soap: `max_precond_dim`, the largest side
+    /// preconditioned (a larger one is the identity).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
-    /// Shampoo, Sketchy: steps between recomputations of the inverse roots.
+    /// Shampoo, Sketchy: steps between recomputations of the inverse roots; soap: between
+    /// refreshes of the eigenbases.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub precondition_every: Option<u64>,
     /// Grafting (one of [`GRAFTS`]).
@@ -225,6 +236,18 @@ impl LibraryHparams {
         }
     }
 
+    /// SOAP as the reference `soap.py` defaults it: bases refreshed every 10 steps, every side up
+    /// to 10000 preconditioned; its own Adam, so no grafting and no momentum on top.
+    pub fn soap() -> Self {
+        LibraryHparams {
+            block_size: Some(10000),
+            precondition_every: Some(10),
+            graft: "none".into(),
+            nesterov: false,
+            ..Self::base()
+        }
+    }
+
     /// The paper's Sketchy settings (NOTES §5): rank 256, block 1024; its start step and
     /// recomputation interval are not published, so Shampoo's (101, every 10) (ours).
     pub fn sketchy() -> Self {
@@ -281,10 +304,29 @@ impl OptimizerHparams {
                 eps: 1e-8,
                 ..ours(LibraryHparams::block_adam())
             },
+            // The reference's defaults: β 0.95/0.95, ε 1e-8, decoupled weight decay 0.01.
+            "soap" => OptimizerHparams {
+                beta1: 0.95,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                ..ours(LibraryHparams::soap())
+            },
             "adam" => OptimizerHparams {
                 name: name.into(),
                 lr,
                 beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                library: None,
+            },
+            // burn's Muon (momentum 0.95, Nesterov) on the 2-D weights; β2 and ε are its AdamW's
+            // (the other parameters), weight decay both's.
+            "muon" => OptimizerHparams {
+                name: name.into(),
+                lr,
+                beta1: 0.95,
                 beta2: 0.999,
                 eps: 1e-8,
                 weight_decay: 0.0,
@@ -355,6 +397,11 @@ pub fn default_lr(name: &str) -> Result<f64, OptimizerError> {
         "shared-basis" | "shared-basis-paper" => Ok(1e-4),
         // Same grafting as shared-basis, so the same step norm; not searched (README).
         "shampoo-250" => Ok(1e-4),
+        // The reference's default (not tuned here).
+        "soap" => Ok(3e-3),
+        // Adam's: Muon's step is scaled to AdamW's RMS (AdjustLrFn::MatchRmsAdamW), so that one
+        // rate serves its Muon and AdamW groups (not tuned here).
+        "muon" => Ok(3e-4),
         other => Err(OptimizerError::Unknown(other.to_string())),
     }
 }
@@ -365,6 +412,8 @@ pub fn default_tagger_lr(name: &str) -> Result<f64, OptimizerError> {
     match name {
         // Best eval accuracy of 30-epoch runs at 1e-3, 3e-3, 1e-2 (86.4% at 3e-3 and 1e-2).
         "adam" => Ok(3e-3),
+        // Not tuned: the reference's default, and Adam's for Muon (its RMS matches AdamW's).
+        "soap" | "muon" => Ok(3e-3),
         // 15-epoch runs at 1e-3 (stopped: behind), 3e-3, 1e-2: 1e-2 best.
         "block-adam" => Ok(1e-2),
         // 15-epoch runs of shared-basis at 3e-5, 1e-4, 3e-4, 1e-3: 1e-4 best; Shampoo and
@@ -445,6 +494,9 @@ enum Accounting {
     Adam,
     /// The library's own accounting of the states that have stepped.
     Library(SharedBasisHandle),
+    /// burn's Muon and AdamW: one momentum buffer per Muon parameter, two moments per AdamW
+    /// parameter (counted when built, from the model's parameters).
+    Muon { bytes: u64 },
 }
 
 impl BuiltOptimizer {
@@ -455,6 +507,7 @@ impl BuiltOptimizer {
         match &self.accounting {
             Accounting::Adam => 2 * num_params as u64 * 4,
             Accounting::Library(handle) => handle.state_bytes() as u64,
+            Accounting::Muon { bytes } => *bytes,
         }
     }
 
@@ -462,7 +515,7 @@ impl BuiltOptimizer {
     /// under `--nonfinite error` a non-finite gradient is one).
     pub fn take_last_error(&self) -> Option<PrecondError> {
         match &self.accounting {
-            Accounting::Adam => None,
+            Accounting::Adam | Accounting::Muon { .. } => None,
             Accounting::Library(handle) => handle.take_last_error(),
         }
     }
@@ -471,7 +524,7 @@ impl BuiltOptimizer {
     /// `--nonfinite skip` (the message names the parameter and its step).
     pub fn take_last_warning(&self) -> Option<PrecondError> {
         match &self.accounting {
-            Accounting::Adam => None,
+            Accounting::Adam | Accounting::Muon { .. } => None,
             Accounting::Library(handle) => handle.take_last_warning(),
         }
     }
@@ -479,7 +532,7 @@ impl BuiltOptimizer {
     /// Parameter updates skipped so far because their gradient held NaN or ∞ (0 for adam).
     pub fn nonfinite_skips(&self) -> u64 {
         match &self.accounting {
-            Accounting::Adam => 0,
+            Accounting::Adam | Accounting::Muon { .. } => 0,
             Accounting::Library(handle) => handle.stats().skipped_non_finite,
         }
     }
@@ -492,7 +545,17 @@ pub fn library_config(h: &OptimizerHparams) -> Result<SharedBasisOptimizerConfig
         .clone()
         .unwrap_or_else(LibraryHparams::shared_basis);
     let block_adam = h.name == "block-adam";
-    let method = if block_adam {
+    let soap = h.name == "soap";
+    let method = if soap {
+        Method::Soap(SoapConfig {
+            beta1: h.beta1,
+            beta2: h.beta2,
+            shampoo_beta: -1.0,
+            eps: h.eps,
+            precondition_frequency: lib.precondition_every.unwrap_or(10),
+            max_precond_dim: lib.block_size.unwrap_or(10000),
+        })
+    } else if block_adam {
         Method::BlockAdam(BlockAdamConfig {
             block_size: lib.block_size.unwrap_or(10),
             beta1: h.beta1,
@@ -533,12 +596,18 @@ pub fn library_config(h: &OptimizerHparams) -> Result<SharedBasisOptimizerConfig
     let config = SharedBasisOptimizerConfig::new()
         .with_method(method)
         .with_graft(graft_kind(&lib.graft)?)
-        // Block Adam's β1 is its own first moment; momentum on top would count it twice.
-        .with_beta1(if block_adam { 0.0 } else { h.beta1 })
+        // Block Adam's and SOAP's β1 is their own first moment; momentum on top would count it
+        // twice.
+        .with_beta1(if block_adam || soap { 0.0 } else { h.beta1 })
         .with_nesterov(lib.nesterov)
+        // SOAP's weight decay is decoupled, as the reference's (AdamW's); the others' coupled.
         .with_weight_decay(WeightDecayConfig {
             rate: h.weight_decay,
-            mode: WeightDecayMode::Coupled,
+            mode: if soap {
+                WeightDecayMode::Decoupled
+            } else {
+                WeightDecayMode::Coupled
+            },
         })
         .with_start_preconditioning_step(lib.start_step)
         .with_nonfinite(lib.nonfinite.policy());
@@ -546,9 +615,31 @@ pub fn library_config(h: &OptimizerHparams) -> Result<SharedBasisOptimizerConfig
     Ok(config)
 }
 
-/// Build the optimizer named in `h`.
+/// Build the optimizer named in `h` without a model (tests). `muon` needs the model (its 2-D
+/// weights form the Muon group): use [`build_optimizer_for`].
+#[cfg(test)]
 pub fn build_optimizer(h: &OptimizerHparams) -> Result<BuiltOptimizer, OptimizerError> {
-    build(h, Vec::new(), &[])
+    assert_ne!(h.name, "muon", "muon needs the model: build_optimizer_for");
+    build(h, Vec::new(), &[], &[])
+}
+
+/// Checks `h` as [`build_optimizer`] would, for every preset (`muon` included) without a model.
+pub fn validate(h: &OptimizerHparams) -> Result<(), OptimizerError> {
+    check(h)
+}
+
+/// The float parameters of `module` with their shapes.
+pub fn param_shapes<M: Module>(module: &M) -> Vec<(ParamId, Vec<usize>)> {
+    #[derive(Default)]
+    struct Shapes(Vec<(ParamId, Vec<usize>)>);
+    impl ModuleVisitor for Shapes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push((param.id, param.val().shape().to_vec()));
+        }
+    }
+    let mut shapes = Shapes::default();
+    module.visit(&mut shapes);
+    shapes.0
 }
 
 /// [`build_optimizer`] for `model`: the library's errors and warnings name its parameters by
@@ -557,7 +648,7 @@ pub fn build_optimizer_for<M: Module>(
     h: &OptimizerHparams,
     model: &M,
 ) -> Result<BuiltOptimizer, OptimizerError> {
-    build(h, param_names(model), &[])
+    build(h, param_names(model), &param_shapes(model), &[])
 }
 
 /// [`build_optimizer_for`] with parameters that the library's methods do not precondition, each
@@ -567,16 +658,23 @@ pub fn build_optimizer_with<M: Module>(
     model: &M,
     unpreconditioned: &[(ParamId, Fallback)],
 ) -> Result<BuiltOptimizer, OptimizerError> {
-    build(h, param_names(model), unpreconditioned)
+    build(
+        h,
+        param_names(model),
+        &param_shapes(model),
+        unpreconditioned,
+    )
 }
 
 fn build(
     h: &OptimizerHparams,
     names: Vec<(ParamId, String)>,
+    shapes: &[(ParamId, Vec<usize>)],
     unpreconditioned: &[(ParamId, Fallback)],
 ) -> Result<BuiltOptimizer, OptimizerError> {
     check(h)?;
     match h.name.as_str() {
+        "muon" => Ok(build_muon(h, shapes, unpreconditioned)),
         "adam" => {
             let mut config = AdamConfig::new()
                 .with_beta_1(h.beta1 as f32)
@@ -607,6 +705,64 @@ fn build(
     }
 }
 
+/// burn's Muon for the 2-D parameters (not those in `unpreconditioned`, e.g. an embedding table,
+/// which Muon's authors leave to AdamW), burn's AdamW for the rest: AdamW is the module's default
+/// optimizer and the Muon weights one parameter group. Muon: momentum `beta1` (Nesterov, no
+/// dampening), burn's Newton–Schulz defaults (5 steps, coefficients (3.4445, −4.775, 2.0315)),
+/// its step scaled by 0.2·√max(A, B) ([`AdjustLrFn::MatchRmsAdamW`]) so that one learning rate
+/// serves both groups; decoupled weight decay `weight_decay` in both. AdamW: β1 0.9 (burn's
+/// default), `beta2`, `eps`.
+fn build_muon(
+    h: &OptimizerHparams,
+    shapes: &[(ParamId, Vec<usize>)],
+    unpreconditioned: &[(ParamId, Fallback)],
+) -> BuiltOptimizer {
+    let is_muon = |id: &ParamId, shape: &[usize]| {
+        shape.len() == 2 && !unpreconditioned.iter().any(|(u, _)| u == id)
+    };
+    let muon_ids: Vec<ParamId> = shapes
+        .iter()
+        .filter(|(id, shape)| is_muon(id, shape))
+        .map(|(id, _)| *id)
+        .collect();
+    let (mut muon_floats, mut adamw_floats) = (0u64, 0u64);
+    for (id, shape) in shapes {
+        let n = shape.iter().product::<usize>() as u64;
+        if is_muon(id, shape) {
+            muon_floats += n;
+        } else {
+            adamw_floats += n;
+        }
+    }
+    let adamw = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(h.beta2 as f32)
+        .with_epsilon(h.eps as f32)
+        .with_weight_decay(h.weight_decay as f32);
+    let decay = (h.weight_decay != 0.0).then_some(BurnWeightDecay {
+        penalty: h.weight_decay as f32,
+    });
+    let muon = MuonConfig::new()
+        .with_momentum(BurnMomentum {
+            momentum: h.beta1,
+            dampening: 0.0,
+            nesterov: true,
+        })
+        .with_weight_decay(decay)
+        .with_adjust_lr_fn(AdjustLrFn::MatchRmsAdamW)
+        .build();
+    let mut optim = adamw.init();
+    if !muon_ids.is_empty() {
+        optim = optim.with_group(ParamGroup::from_ids(muon_ids), muon, None);
+    }
+    BuiltOptimizer {
+        optim,
+        accounting: Accounting::Muon {
+            bytes: 4 * (muon_floats + 2 * adamw_floats),
+        },
+    }
+}
+
 fn check(h: &OptimizerHparams) -> Result<(), OptimizerError> {
     let bad = |name, value, why| Err(OptimizerError::Invalid { name, value, why });
     if !(h.lr.is_finite() && h.lr > 0.0) {
@@ -615,7 +771,7 @@ fn check(h: &OptimizerHparams) -> Result<(), OptimizerError> {
     if !(0.0..1.0).contains(&h.beta1) {
         return bad("beta1", h.beta1, "must be in [0, 1)");
     }
-    if h.name == "adam" && !(0.0..1.0).contains(&h.beta2) {
+    if (h.name == "adam" || h.name == "muon") && !(0.0..1.0).contains(&h.beta2) {
         return bad("beta2", h.beta2, "must be in [0, 1)");
     }
     if !(h.eps.is_finite() && h.eps >= 0.0) {
@@ -651,7 +807,7 @@ mod tests {
             err.as_deref(),
             Some(
                 "unknown optimizer \"sgdx\"; known: adam, shared-basis, shared-basis-paper, \
-                 shampoo-250, shampoo-1000, sketchy, block-adam"
+                 shampoo-250, shampoo-1000, sketchy, block-adam, soap, muon"
             )
         );
         let err = build_optimizer(&OptimizerHparams {
@@ -743,6 +899,96 @@ mod tests {
         }
         assert_eq!(built.state_bytes(model.num_params()), 4 * floats);
         assert!(built.take_last_error().is_none());
+    }
+
+    /// One step of `built` on the autoencoder (a batch of ones); returns the stepped model.
+    fn step_once(built: &mut BuiltOptimizer, model: Autoencoder) -> Autoencoder {
+        let device = Device::flex().autodiff();
+        let x = Tensor::<2>::ones([4, 784], &device);
+        let loss = model.forward(x).sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        built.optim.step(1e-3, model, grads)
+    }
+
+    /// SOAP on the autoencoder: per weight (b = d_in, m = d_out; every side ≤ 10000 is rotated)
+    /// L, Q_L (b²), R, Q_R (m²) and the rotated moments (2·b·m); a bias is Adam (2·m). No
+    /// grafting or momentum buffers. Its preset: decoupled decay 0.01, no momentum, no grafting.
+    #[test]
+    fn soap_state_bytes_match_the_formula_on_the_autoencoder() {
+        let h = OptimizerHparams::preset("soap").unwrap();
+        assert_eq!((h.lr, h.beta1, h.beta2, h.eps), (3e-3, 0.95, 0.95, 1e-8));
+        let lib = library_config(&h).unwrap().config().clone();
+        assert_eq!(lib.weight_decay.mode, WeightDecayMode::Decoupled);
+        assert_eq!(lib.weight_decay.rate, 0.01);
+        assert_eq!(lib.momentum.beta1, 0.0);
+        assert_eq!(lib.graft.kind, GraftKind::None);
+        let Method::Soap(soap) = &lib.method else {
+            panic!("{:?}", lib.method)
+        };
+        assert_eq!(
+            (soap.precondition_frequency, soap.max_precond_dim),
+            (10, 10000)
+        );
+        let model = Autoencoder::new(0, &Device::flex().autodiff());
+        let mut built = build_optimizer(&h).unwrap();
+        let model = step_once(&mut built, model);
+        let dims = [784u64, 1000, 500, 250, 30, 250, 500, 1000, 784];
+        let floats: u64 = dims
+            .windows(2)
+            .map(|w| {
+                let (b, m) = (w[0], w[1]);
+                2 * b * b + 2 * m * m + 2 * b * m + 2 * m
+            })
+            .sum();
+        assert_eq!(built.state_bytes(model.num_params()), 4 * floats);
+        assert!(built.take_last_error().is_none());
+    }
+
+    /// burn's Muon on the autoencoder: the 8 weights (2-D) in the Muon group, one momentum
+    /// buffer each; the 8 biases by AdamW, two moments each. The step moves every parameter.
+    #[test]
+    fn muon_groups_weights_and_counts_its_state() {
+        let h = OptimizerHparams::preset("muon").unwrap();
+        let device = Device::flex().autodiff();
+        let model = Autoencoder::new(0, &device);
+        let shapes = param_shapes(&model);
+        assert_eq!(shapes.len(), 16);
+        let before: Vec<Vec<f32>> = model_values(&model);
+        let mut built = build_optimizer_for(&h, &model).unwrap();
+        let model = step_once(&mut built, model);
+        let dims = [784u64, 1000, 500, 250, 30, 250, 500, 1000, 784];
+        let floats: u64 = dims.windows(2).map(|w| w[0] * w[1] + 2 * w[1]).sum();
+        assert_eq!(built.state_bytes(model.num_params()), 4 * floats);
+        let after = model_values(&model);
+        for (a, b) in before.iter().zip(&after) {
+            assert!(
+                a.iter().zip(b).any(|(x, y)| x != y),
+                "a parameter did not move"
+            );
+            assert!(b.iter().all(|v| v.is_finite()));
+        }
+        // An excluded 2-D parameter goes to AdamW (two moments instead of one buffer).
+        let first = shapes[0].clone();
+        assert_eq!(first.1, vec![784, 1000]);
+        let built = build_optimizer_with(&h, &model, &[(first.0, Fallback::Graft)]).unwrap();
+        assert_eq!(
+            built.state_bytes(model.num_params()),
+            4 * (floats + 784 * 1000)
+        );
+    }
+
+    /// Every float parameter's values, in visiting order.
+    fn model_values(model: &Autoencoder) -> Vec<Vec<f32>> {
+        #[derive(Default)]
+        struct Values(Vec<Vec<f32>>);
+        impl ModuleVisitor for Values {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                self.0.push(param.val().try_into_vec_as::<f32>().unwrap());
+            }
+        }
+        let mut values = Values::default();
+        model.visit(&mut values);
+        values.0
     }
 
     /// Block Adam(10) on the autoencoder: per weight m·((⌈b/10⌉ − 1)·10² + last²) second-moment

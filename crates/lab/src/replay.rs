@@ -20,6 +20,7 @@ use precond::faer::{MatMut, MatRef};
 use precond::full_matrix::{FullMatrix, FullMatrixConfig};
 use precond::shampoo::{Shampoo, ShampooConfig};
 use precond::sketchy::{Sketchy, SketchyConfig};
+use precond::soap::{Soap, SoapConfig};
 use precond::{
     BlockEigensolver, PrecondError, Preconditioner, Result as PrecondResult, RhoMode, Scalar,
     SharedBasis, SharedBasisConfig,
@@ -81,6 +82,10 @@ pub enum ReplayOptimizer {
     FullAdagrad,
     /// The shared-basis block low-rank preconditioner (Algorithm 1).
     SharedBasis,
+    /// SOAP: Adam (β1 --beta1, β2 --beta2) in the eigenbasis of Shampoo's factors, bases
+    /// refreshed every --precondition-every steps, sides above --max-precond-dim the identity;
+    /// the first direction is zero.
+    Soap,
 }
 
 impl ReplayOptimizer {
@@ -90,6 +95,7 @@ impl ReplayOptimizer {
         match self {
             Self::Rmsprop => 0.99,
             Self::Adam | Self::Adamw | Self::BlockAdam => 0.999,
+            Self::Soap => 0.95,
             _ => 1.0,
         }
     }
@@ -98,7 +104,9 @@ impl ReplayOptimizer {
     fn default_eps(self) -> f64 {
         match self {
             Self::Adagrad => 1e-10,
-            Self::Sgd | Self::Rmsprop | Self::Adam | Self::Adamw | Self::BlockAdam => 1e-8,
+            Self::Sgd | Self::Rmsprop | Self::Adam | Self::Adamw | Self::BlockAdam | Self::Soap => {
+                1e-8
+            }
             _ => 1e-6,
         }
     }
@@ -162,9 +170,12 @@ pub struct ReplayArgs {
     /// Adam 10]
     #[arg(long)]
     pub block_size: Option<usize>,
-    /// Shampoo, Sketchy: steps between root recomputations.
+    /// Shampoo, Sketchy: steps between root recomputations; SOAP: between eigenbasis refreshes.
     #[arg(long, default_value_t = 1)]
     pub precondition_every: u64,
+    /// SOAP: a side (b or m) larger than this is not rotated.
+    #[arg(long, default_value_t = 10000)]
+    pub max_precond_dim: usize,
     /// Shampoo, Sketchy: first (1-based) preconditioned step; before it the direction is -G.
     #[arg(long, default_value_t = 1)]
     pub start_step: u64,
@@ -260,6 +271,17 @@ impl ReplayArgs {
                     precondition_every: s.precondition_every,
                 };
                 Box::new(Sketchy::<T>::new(&config, b, m)?)
+            }
+            ReplayOptimizer::Soap => {
+                let config = SoapConfig {
+                    beta1: self.beta1,
+                    beta2: self.beta2(),
+                    shampoo_beta: -1.0,
+                    eps: self.eps(),
+                    precondition_frequency: self.precondition_every,
+                    max_precond_dim: self.max_precond_dim,
+                };
+                Box::new(Soap::<T>::new(&config, b, m)?)
             }
         })
     }
@@ -513,6 +535,7 @@ mod tests {
             seed: 0,
             block_size: None,
             precondition_every: 1,
+            max_precond_dim: 10000,
             start_step: 1,
             print_memory: false,
             nonfinite: NonFinite::Error,
@@ -840,6 +863,7 @@ mod tests {
             (ReplayOptimizer::Shampoo, f64::INFINITY),
             (ReplayOptimizer::Sketchy, f64::NAN),
             (ReplayOptimizer::Adam, f64::NEG_INFINITY),
+            (ReplayOptimizer::Soap, f64::NAN),
             (ReplayOptimizer::BlockAdam, f64::NAN),
         ];
         for (k, (optimizer, poison)) in cases.into_iter().enumerate() {

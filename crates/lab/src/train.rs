@@ -25,8 +25,7 @@ use thiserror::Error;
 use crate::conllu::ConlluError;
 use crate::mnist::MnistError;
 use crate::optimizers::{
-    block_eigensolver, build_optimizer, library_config, BuiltOptimizer, NonFinite, OptimizerError,
-    OptimizerHparams,
+    block_eigensolver, library_config, BuiltOptimizer, NonFinite, OptimizerError, OptimizerHparams,
 };
 use crate::tagger::TaggerDims;
 use crate::tasks::{
@@ -103,19 +102,20 @@ pub struct TrainSettings {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Optimizer preset: adam, shared-basis (ours, the default), shared-basis-paper (Algorithm 1
-    /// as written), shampoo-250, shampoo-1000, sketchy, block-adam
-    /// [default: adam]
+    /// as written), shampoo-250, shampoo-1000, sketchy, block-adam, soap (Adam in Shampoo's
+    /// eigenbasis), muon (burn's Muon on 2-D weights, AdamW on the rest) [default: adam]
     #[arg(long)]
     pub optimizer: Option<String>,
     /// Peak learning rate [default: the preset's, see README]
     #[arg(long)]
     pub lr: Option<f64>,
-    /// adam, block-adam: first-moment decay; shared-basis, shampoo, sketchy: momentum
-    /// [default: the preset's, see README]
+    /// adam, block-adam, soap: first-moment decay; shared-basis, shampoo, sketchy, muon:
+    /// momentum [default: the preset's, see README]
     #[arg(long)]
     pub beta1: Option<f64>,
-    /// adam, block-adam: second-moment decay; shared-basis, shampoo, sketchy: statistics decay,
-    /// 1 the plain sum of Algorithm 1 [default: the preset's, see README]
+    /// adam, block-adam, soap, muon (its AdamW): second-moment decay; shared-basis, shampoo,
+    /// sketchy: statistics decay, 1 the plain sum of Algorithm 1 [default: the preset's, see
+    /// README]
     #[arg(long)]
     pub beta2: Option<f64>,
     /// adam: denominator epsilon; block-adam: added before the inverse root; shared-basis:
@@ -123,7 +123,8 @@ pub struct TrainSettings {
     /// README]
     #[arg(long)]
     pub eps: Option<f64>,
-    /// Weight decay, coupled (adam: L2 penalty on the gradient) [default: 0]
+    /// Weight decay, coupled (adam: L2 penalty on the gradient); decoupled for soap and muon
+    /// [default: 0; soap 0.01]
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// shared-basis: rank k of the basis [default: 32]; sketchy: sketch rank [default: 256]
@@ -154,11 +155,12 @@ pub struct TrainSettings {
     /// second session) [default: batched]
     #[arg(long)]
     pub eigensolver: Option<String>,
-    /// shampoo, sketchy: largest block side; block-adam: rows per block [default: the preset's,
-    /// 250, 1000, 1024; 10]
+    /// shampoo, sketchy: largest block side; block-adam: rows per block; soap: largest side
+    /// rotated (max_precond_dim) [default: the preset's, 250, 1000, 1024; 10; 10000]
     #[arg(long)]
     pub block_size: Option<usize>,
-    /// shampoo, sketchy: steps between inverse-root recomputations [default: 10]
+    /// shampoo, sketchy: steps between inverse-root recomputations; soap: between eigenbasis
+    /// refreshes [default: 10]
     #[arg(long)]
     pub precondition_every: Option<u64>,
     /// ours: grafting: none, sgd, adagrad, rmsprop, rmsprop-normalized, adam
@@ -658,7 +660,7 @@ impl TrainConfig {
                 return bad("width must be divisible by heads");
             }
         }
-        build_optimizer(&self.optimizer)?;
+        crate::optimizers::validate(&self.optimizer)?;
         Ok(())
     }
 }

@@ -787,7 +787,9 @@ mod codec {
     /// `max_linalg_failures` and the method states with their `linalg` counts. 4:
     /// `ParamOptimizer` ends with `refused_in_row` and `SharedBasisConfig` with `rho_scale`. 5:
     /// `SharedBasisConfig` and `BlockAdamConfig` end with `eigensolver`. Versions 1 to 4 are
-    /// still read (see [`ADDED`]).
+    /// still read (see [`ADDED`]). Enum variants are serialized by index, so a new method
+    /// (`Method::Soap`, `MethodState::Soap`) is appended after the existing variants and needs
+    /// no new version.
     const VERSION: u32 = 5;
 
     /// Fields appended to a struct after version 1, as (version that added it, struct, field),
@@ -2234,7 +2236,22 @@ mod tests {
             }),
             Method::FullMatrix(FullMatrixConfig::default()),
             Method::GraftOnly,
+            Method::Soap(crate::soap::SoapConfig {
+                precondition_frequency: 2,
+                shampoo_beta: 0.9,
+                ..Default::default()
+            }),
         ];
+        // Variant indices are the format: existing methods keep theirs, SOAP comes last.
+        for (index, method) in methods.iter().enumerate() {
+            let expected = [0u32, 1, 2, 3, 4, 5, 6, 7][index];
+            let bytes = codec::encode(method);
+            assert_eq!(bytes[8..12], expected.to_le_bytes(), "{method:?}");
+        }
+        let soap_state = crate::optimizer::MethodState::Soap(
+            crate::soap::Soap::new(&Default::default(), 2, 2).unwrap(),
+        );
+        assert_eq!(codec::encode(&soap_state)[8..12], 6u32.to_le_bytes());
         for method in methods {
             let name = format!("{method:?}");
             let cfg = OptimizerConfig {

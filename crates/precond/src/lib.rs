@@ -24,6 +24,7 @@ pub mod schedule;
 pub mod shampoo;
 pub mod shared_basis;
 pub mod sketchy;
+pub mod soap;
 #[cfg(test)]
 mod testing;
 pub mod view;
@@ -47,5 +48,6 @@ pub use preconditioner::{LinalgHealth, Preconditioner};
 pub use scalar::Scalar;
 pub use schedule::Schedule;
 pub use shared_basis::{BlockRidge, RhoMode, SharedBasis, SharedBasisConfig, TUNED_RHO_SCALE};
+pub use soap::{Soap, SoapConfig};
 pub use view::ParamView;
 pub use weight_decay::{WeightDecayConfig, WeightDecayMode};

@@ -23,7 +23,8 @@
 //!
 //! **Linear-algebra failures.** The factorizations of shared-basis (QR, SVD, symmetric
 //! eigendecompositions), Shampoo (inverse 4th roots), Sketchy (QR and eigendecomposition of the
-//! sketch updates) and Block Adam (inverse square roots) are handled in three stages:
+//! sketch updates), Block Adam (inverse square roots) and SOAP (eigendecomposition and QR of its
+//! eigenbases) are handled in three stages:
 //! 1. *f64 retry.* A factorization that fails in f32 (no convergence, or a non-finite result from
 //!    a finite input) is retried in f64: the input is converted to f64, factored, and the result
 //!    rounded back to f32. This happens in one place, the wrappers of [`crate::linalg`]
@@ -35,7 +36,8 @@
 //!    statistics, so the gradient is dropped from them); Shampoo keeps that inverse root (L and
 //!    R absorb the gradient); Sketchy keeps that side's sketch and frozen copy (the gradient is
 //!    dropped from that sketch); Block Adam uses that chunk's previous root, recomputed from the
-//!    statistics of the previous step (V and m absorb the gradient). The method's
+//!    statistics of the previous step (V and m absorb the gradient); SOAP keeps that side's
+//!    eigenbasis (L and R absorb the gradient). The method's
 //!    [`LinalgHealth`], read through
 //!    [`Preconditioner::linalg_health`] and [`ParamOptimizer::linalg_failures`] /
 //!    [`ParamOptimizer::consecutive_linalg_failures`], counts the steps with such a failure and
@@ -86,6 +88,7 @@ use crate::preconditioner::{LinalgHealth, Preconditioner};
 use crate::shampoo::{Shampoo, ShampooConfig};
 use crate::shared_basis::{SharedBasis, SharedBasisConfig};
 use crate::sketchy::{Sketchy, SketchyConfig};
+use crate::soap::{Soap, SoapConfig};
 use crate::view::ParamView;
 use crate::weight_decay::WeightDecayConfig;
 use faer::{MatMut, MatRef};
@@ -118,15 +121,26 @@ pub enum Method {
     FullMatrix(FullMatrixConfig),
     /// No preconditioner: the grafting optimizer alone (e.g. Adam or RMSProp as a baseline).
     GraftOnly,
+    /// SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors. It carries its own
+    /// Adam moments and bias correction: use it with grafting `None` and momentum β1 = 0 (and
+    /// decoupled weight decay, as the reference). Every parameter is preconditioned by it: a side
+    /// larger than its `max_precond_dim` (not `max_block_size`) is the identity, and 1-D
+    /// parameters are Adam with SOAP's schedule ([`Soap::unrotated`]). (Appended last: variants
+    /// are serialized by index.)
+    Soap(SoapConfig),
 }
 
 impl Method {
-    /// Whether the method's cost is elementwise in the parameter's size (Block Adam, diagonal),
+    /// Whether the method takes parameters of every shape: its cost is elementwise in the
+    /// parameter's size (Block Adam, diagonal) or it limits its sides itself (SOAP),
     /// so that 1-D parameters and b > `max_block_size` are preconditioned too instead of taking
     /// the fallback path. (A 1-D parameter is a (1, n) view: Block Adam's single chunk of one row
     /// is Adam with ε inside the root.)
     pub fn takes_every_shape(&self) -> bool {
-        matches!(self, Method::BlockAdam(_) | Method::Diagonal(_))
+        matches!(
+            self,
+            Method::BlockAdam(_) | Method::Diagonal(_) | Method::Soap(_)
+        )
     }
 }
 
@@ -242,6 +256,7 @@ impl OptimizerConfig {
             Method::BlockAdam(c) => c.validate()?,
             Method::Diagonal(c) => c.validate()?,
             Method::FullMatrix(c) => c.validate()?,
+            Method::Soap(c) => c.validate()?,
             Method::GraftOnly => {}
         }
         self.graft.validate()?;
@@ -290,6 +305,9 @@ pub enum MethodState {
     Diagonal(Diagonal<f32>),
     /// Full-matrix Adagrad's statistics.
     FullMatrix(FullMatrix<f32>),
+    /// SOAP's statistics, eigenbases and rotated moments (appended last: variants are
+    /// serialized by index).
+    Soap(Soap<f32>),
 }
 
 impl Preconditioner<f32> for MethodState {
@@ -301,6 +319,7 @@ impl Preconditioner<f32> for MethodState {
             MethodState::BlockAdam(s) => s.precondition(grad, direction),
             MethodState::Diagonal(s) => s.precondition(grad, direction),
             MethodState::FullMatrix(s) => s.precondition(grad, direction),
+            MethodState::Soap(s) => s.precondition(grad, direction),
         }
     }
     fn state_bytes(&self) -> usize {
@@ -311,6 +330,7 @@ impl Preconditioner<f32> for MethodState {
             MethodState::BlockAdam(s) => s.state_bytes(),
             MethodState::Diagonal(s) => s.state_bytes(),
             MethodState::FullMatrix(s) => s.state_bytes(),
+            MethodState::Soap(s) => s.state_bytes(),
         }
     }
     fn steps(&self) -> u64 {
@@ -321,6 +341,7 @@ impl Preconditioner<f32> for MethodState {
             MethodState::BlockAdam(s) => Preconditioner::<f32>::steps(s),
             MethodState::Diagonal(s) => Preconditioner::<f32>::steps(s),
             MethodState::FullMatrix(s) => Preconditioner::<f32>::steps(s),
+            MethodState::Soap(s) => Preconditioner::<f32>::steps(s),
         }
     }
     fn linalg_health(&self) -> LinalgHealth {
@@ -331,6 +352,7 @@ impl Preconditioner<f32> for MethodState {
             MethodState::BlockAdam(s) => Preconditioner::<f32>::linalg_health(s),
             MethodState::Diagonal(s) => Preconditioner::<f32>::linalg_health(s),
             MethodState::FullMatrix(s) => Preconditioner::<f32>::linalg_health(s),
+            MethodState::Soap(s) => Preconditioner::<f32>::linalg_health(s),
         }
     }
     fn is_ready(&self) -> bool {
@@ -341,6 +363,7 @@ impl Preconditioner<f32> for MethodState {
             MethodState::BlockAdam(s) => Preconditioner::<f32>::is_ready(s),
             MethodState::Diagonal(s) => Preconditioner::<f32>::is_ready(s),
             MethodState::FullMatrix(s) => Preconditioner::<f32>::is_ready(s),
+            MethodState::Soap(s) => Preconditioner::<f32>::is_ready(s),
         }
     }
 }
@@ -424,6 +447,12 @@ impl ParamOptimizer<MethodState> {
                     view.rows(),
                     view.blocks(),
                 )?)),
+                Method::Soap(c) if view.is_vector() => Ok(MethodState::Soap(Soap::unrotated(
+                    c,
+                    view.rows(),
+                    view.blocks(),
+                )?)),
+                Method::Soap(c) => Ok(MethodState::Soap(Soap::new(c, view.rows(), view.blocks())?)),
                 Method::GraftOnly => Err(invalid("method", "GraftOnly", "has no preconditioner")),
             }
         })
@@ -434,7 +463,7 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
     /// Like [`ParamOptimizer::new`] with a caller-built preconditioner: `make(view)` is called
     /// only when the parameter is preconditioned, i.e. when `config.method` is not
     /// [`Method::GraftOnly`], the parameter is not excluded, and (except for the elementwise-cost
-    /// methods BlockAdam and Diagonal) it is not 1-D and has b ≤ `max_block_size`. (The
+    /// methods BlockAdam and Diagonal, and SOAP) it is not 1-D and has b ≤ `max_block_size`. (The
     /// method's own config in `config.method` is then not used.)
     pub fn with_preconditioner(
         config: &OptimizerConfig,
@@ -445,8 +474,8 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
     ) -> Result<Self> {
         config.validate()?;
         let view = ParamView::new(shape, block_axis)?;
-        // Elementwise-cost methods take every shape; the others skip vectors and huge blocks.
-        let any_shape = matches!(config.method, Method::BlockAdam(_) | Method::Diagonal(_));
+        // Elementwise-cost methods and SOAP take every shape; the others skip vectors and huge blocks.
+        let any_shape = config.method.takes_every_shape();
         let falls_back =
             excluded || (!any_shape && (view.is_vector() || view.rows() > config.max_block_size));
         let path = if falls_back {

@@ -25,6 +25,7 @@ use precond::faer::Mat;
 use precond::full_matrix::{FullMatrix, FullMatrixConfig};
 use precond::shampoo::{Shampoo, ShampooConfig};
 use precond::sketchy::{Sketchy, SketchyConfig};
+use precond::soap::{Soap, SoapConfig};
 use precond::{
     Fallback, GraftConfig, GraftKind, GraftState, Method, MomentumConfig, MomentumState,
     OptimizerConfig, ParamOptimizer, ParamPath, ParamView, PrecondError, Preconditioner, RhoMode,
@@ -232,8 +233,16 @@ fn full_matrix_bytes<T>(b: usize, m: usize) -> usize {
     (b * m) * (b * m) * std::mem::size_of::<T>()
 }
 
-/// The preconditioner's bytes of `method` on a (b, m) view, in f32 (ParamOptimizer's type).
-fn method_bytes(method: &Method, b: usize, m: usize) -> usize {
+/// SOAP: (Σ over the sides of at most `max_dim` of 2·d² (statistics and eigenbasis) + 2·b·m
+/// (the rotated moments))·size_of T.
+fn soap_bytes<T>(max_dim: usize, b: usize, m: usize) -> usize {
+    let side = |d: usize| if d <= max_dim { 2 * d * d } else { 0 };
+    (side(b) + side(m) + 2 * b * m) * std::mem::size_of::<T>()
+}
+
+/// The preconditioner's bytes of `method` on a (b, m) view, in f32 (ParamOptimizer's type);
+/// `vector` for a 1-D parameter (SOAP leaves both of its sides unrotated: Adam's two moments).
+fn method_bytes(method: &Method, b: usize, m: usize, vector: bool) -> usize {
     match method {
         Method::SharedBasis(c) => shared_basis_bytes::<f32>(c.rank, b, m),
         Method::Shampoo(c) => shampoo_bytes::<f32>(c.block_size, b, m),
@@ -241,6 +250,8 @@ fn method_bytes(method: &Method, b: usize, m: usize) -> usize {
         Method::BlockAdam(c) => block_adam_bytes::<f32>(c.block_size, c.beta1, b, m),
         Method::Diagonal(c) => diagonal_bytes::<f32>(c.kind, c.beta1, b, m),
         Method::FullMatrix(_) => full_matrix_bytes::<f32>(b, m),
+        Method::Soap(_) if vector => 2 * b * m * 4,
+        Method::Soap(c) => soap_bytes::<f32>(c.max_precond_dim, b, m),
         Method::GraftOnly => 0,
     }
 }
@@ -521,6 +532,29 @@ fn full_matrix_config() -> impl Strategy<Value = FullMatrixConfig> {
     })
 }
 
+fn soap_config() -> impl Strategy<Value = SoapConfig> {
+    (
+        beta1(),
+        0.0f64..0.999,
+        prop_oneof![Just(-1.0), 0.0f64..0.999],
+        eps(),
+        1u64..=3,
+        prop_oneof![Just(10000usize), 0usize..=24],
+    )
+        .prop_map(
+            |(beta1, beta2, shampoo_beta, eps, precondition_frequency, max_precond_dim)| {
+                SoapConfig {
+                    beta1,
+                    beta2,
+                    shampoo_beta,
+                    eps,
+                    precondition_frequency,
+                    max_precond_dim,
+                }
+            },
+        )
+}
+
 /// (b, m) with b in 1..=24 and b·m ≤ 64 (full-matrix Adagrad eigendecomposes (b·m)² values
 /// every step; larger n only makes the run slower).
 fn small_shape() -> impl Strategy<Value = (usize, usize)> {
@@ -640,8 +674,38 @@ fn full_matrix_case<T: Scalar>(
     Ok(())
 }
 
+fn soap_case<T: Scalar>(
+    cfg: &SoapConfig,
+    (b, m): (usize, usize),
+    grads: &[Mat<f64>],
+    split: usize,
+) -> Result<(), TestCaseError> {
+    let bytes = soap_bytes::<T>(cfg.max_precond_dim, b, m);
+    let make = || Soap::<T>::new(cfg, b, m);
+    let (dirs, state) = properties::<T, _>("soap", &make, grads, split, bytes, &|_| true)?;
+    prop_assert_eq!(state.failed_bases(), 0);
+    // The first step only gathers statistics: its direction is zero.
+    prop_assert!(dirs[0]
+        .0
+        .col_iter()
+        .all(|c| c.iter().all(|&v| v == T::zero())));
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(cases())]
+
+    #[test]
+    fn prop_soap(
+        dims in shape(),
+        cfg in soap_config(),
+        (steps, split) in steps_and_split(),
+        seed in any::<u64>(),
+    ) {
+        let grads = random_gradients(dims.0, dims.1, steps, seed);
+        soap_case::<f32>(&cfg, dims, &grads, split)?;
+        soap_case::<f64>(&cfg, dims, &grads, split)?;
+    }
 
     #[test]
     fn prop_shared_basis(
@@ -727,6 +791,7 @@ fn method_strategy() -> impl Strategy<Value = Method> {
         diagonal_config().prop_map(Method::Diagonal),
         full_matrix_config().prop_map(Method::FullMatrix),
         Just(Method::GraftOnly),
+        soap_config().prop_map(Method::Soap),
     ]
 }
 
@@ -792,7 +857,10 @@ fn optimizer_config() -> impl Strategy<Value = OptimizerConfig> {
 /// The path ParamOptimizer's docs give: excluded, 1-D or b > max_block_size parameters fall
 /// back (Block Adam and the diagonal methods take every shape); GraftOnly grafts.
 fn expected_path(cfg: &OptimizerConfig, shape: &[usize], excluded: bool) -> ParamPath {
-    let any_shape = matches!(cfg.method, Method::BlockAdam(_) | Method::Diagonal(_));
+    let any_shape = matches!(
+        cfg.method,
+        Method::BlockAdam(_) | Method::Diagonal(_) | Method::Soap(_)
+    );
     let rows: usize = shape[..shape.len() - 1].iter().product();
     let falls_back = excluded || (!any_shape && (shape.len() == 1 || rows > cfg.max_block_size));
     if falls_back {
@@ -838,7 +906,7 @@ proptest! {
 
         // Preconditioner + grafting (none on the SGD-momentum path) + momentum buffers.
         let precond = if path == ParamPath::Preconditioned {
-            method_bytes(&cfg.method, rows, blocks)
+            method_bytes(&cfg.method, rows, blocks, shape.len() == 1)
         } else {
             0
         };
