@@ -499,6 +499,7 @@ fn updated_moments<T: Scalar>(
 /// of length b, its gradient column); a chunk the pack cannot solve goes through
 /// [`chunk_direction`] (faer, and its previous-root policy).
 #[allow(clippy::too_many_arguments)] // the pass's shared inputs
+#[allow(clippy::needless_range_loop)] // lanes index the pack and its per-lane flags together
 fn pack_directions<T: Scalar>(
     k: &StepScalars<T>,
     sc: &mut ChunkScratch<T>,

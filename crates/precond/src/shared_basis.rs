@@ -1254,6 +1254,7 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
     /// (mathematically V diag(λ − λ_min) Vᵀ); step 6 applies
     /// diag((l + c)^{−1/2} − c^{−1/2}) in the eigenbasis to c_i without forming V. A block the
     /// pack cannot solve goes through faer ([`Self::run`]).
+    #[allow(clippy::needless_range_loop)] // lanes index the pack and its per-lane flags together
     fn run_pack(
         &self,
         first: usize,
