@@ -270,3 +270,51 @@ pub fn run(args: &EigensolverArgs, stop: &AtomicBool) -> Result<(), AnalyzeError
     println!("wrote {}", args.out.join("eigensolver.csv").display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// On a synthetic stream (unit-scale Gaussian gradients), once the statistics have full
+    /// rank (step 5 on: more steps than rows per block and than k), the two f32 kernels agree to
+    /// f32 rounding, and each is as close to the f64 run as the other.
+    #[test]
+    fn kernels_agree_on_a_synthetic_stream() {
+        let (b, m, steps) = (12, 9, 30);
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let stream: Vec<Mat<f64>> = (0..steps)
+            .map(|_| Mat::from_fn(b, m, |_, _| rng.random::<f64>() - 0.5))
+            .collect();
+        let args = EigensolverArgs {
+            model: ModelArgs::default(),
+            out: PathBuf::new(),
+            quick: true,
+            steps: Some(steps),
+            batch_size: None,
+            layers: Vec::new(),
+            rank: 4,
+            rho_scale: precond::TUNED_RHO_SCALE,
+            block_size: 3,
+        };
+        let result = compare_layer(&args, &stream).unwrap();
+        assert_eq!(result.len(), 2);
+        for c in &result {
+            assert_eq!(c.rel_diff.len(), steps);
+            let max = |v: &[f64]| v[4..].iter().copied().fold(0.0, f64::max);
+            assert!(
+                max(&c.rel_diff) < 2e-5,
+                "{}: {:e}",
+                c.method,
+                max(&c.rel_diff)
+            );
+            // Both f32 paths sit at f32 rounding from f64, neither 10x worse than the other.
+            let (eb, ef) = (max(&c.batched_err), max(&c.faer_err));
+            assert!(eb < 2e-5 && ef < 2e-5, "{}: {eb:e} {ef:e}", c.method);
+            assert!(eb < 10.0 * ef.max(1e-7), "{}: {eb:e} vs {ef:e}", c.method);
+            // Not vacuous: the kernels round differently.
+            assert!(c.rel_diff.iter().any(|&d| d > 0.0), "{}", c.method);
+        }
+    }
+}
