@@ -774,7 +774,7 @@ impl<T: Scalar> Preconditioner<T> for BlockAdam<T> {
         self.linalg
     }
 
-    /// (m·((chunks − 1)·s² + last²) + (β1 > 0 ? b·m : 0)) · size_of::<T>(), with
+    /// (m·((chunks − 1)·s² + last²) + (β1 > 0 ? b·m : 0)) · `size_of::<T>()`, with
     /// chunks = ceil(b/s) and last = b − (chunks − 1)·s: the full second moment of each chunk
     /// (s × s, the last one last × last), plus the first moment when β1 > 0.
     fn state_bytes(&self) -> usize {

@@ -374,7 +374,7 @@ impl<T: Scalar> Preconditioner<T> for Diagonal<T> {
         Ok(())
     }
 
-    /// (number of buffers kept) · b · m · size_of::<T>(): SGD 1 (0 with β1 = 0), Adagrad 1,
+    /// (number of buffers kept) · b · m · `size_of::<T>()`: SGD 1 (0 with β1 = 0), Adagrad 1,
     /// RMSprop 1, Adam and AdamW 2.
     fn state_bytes(&self) -> usize {
         (self.first.len() + self.second.len()) * std::mem::size_of::<T>()

@@ -8,16 +8,29 @@ pub enum PrecondError {
     /// A configuration value is out of its valid range.
     #[error("invalid config: {field} = {value}: {reason}")]
     InvalidConfig {
+        /// The configuration field (or command-line name) at fault.
         field: &'static str,
+        /// Its value, as given.
         value: String,
+        /// Why it is refused.
         reason: &'static str,
     },
     /// A gradient or parameter does not have the shape the state was built for.
     #[error("shape mismatch: expected {expected}, got {got}")]
-    ShapeMismatch { expected: String, got: String },
+    ShapeMismatch {
+        /// The shape the state was built for.
+        expected: String,
+        /// The shape given.
+        got: String,
+    },
     /// A gradient holds NaN or infinity; the step was refused and no state changed.
     #[error("non-finite gradient at step {step}{}", .param.as_ref().map(|p| format!(" in parameter {p}")).unwrap_or_default())]
-    NonFiniteGradient { step: u64, param: Option<String> },
+    NonFiniteGradient {
+        /// The 1-based step.
+        step: u64,
+        /// The parameter's name, where known.
+        param: Option<String>,
+    },
     /// A dense linear-algebra kernel failed (no convergence or non-finite output) or its
     /// input overflowed, and the step was refused; or the kernels of one parameter failed at
     /// [`OptimizerConfig::max_linalg_failures`] steps in a row (see [`crate::optimizer`]).

@@ -302,7 +302,7 @@ impl<T: Scalar> Preconditioner<T> for FullMatrix<T> {
         Ok(())
     }
 
-    /// n² · size_of::<T>() with n = b·m: the full statistics H.
+    /// n² · `size_of::<T>()` with n = b·m: the full statistics H.
     fn state_bytes(&self) -> usize {
         self.stat.len() * std::mem::size_of::<T>()
     }

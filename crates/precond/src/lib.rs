@@ -5,6 +5,8 @@
 //! optax compose optimizers: a [`preconditioner::Preconditioner`] turns a gradient into a raw
 //! direction; grafting, momentum, weight decay and learning-rate schedules wrap it.
 
+#![warn(missing_docs)]
+
 pub mod batched_eigen;
 pub mod block_diag;
 #[cfg(feature = "burn")]

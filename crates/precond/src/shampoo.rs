@@ -556,7 +556,7 @@ impl<T: Scalar> Preconditioner<T> for Shampoo<T> {
         Ok(())
     }
 
-    /// Σ over blocks of 2·(rows² + cols²)·size_of::<T>(): the statistics L, R and the roots
+    /// Σ over blocks of 2·(rows² + cols²)·`size_of::<T>()`: the statistics L, R and the roots
     /// P_L, P_R of every block (workspaces excluded).
     fn state_bytes(&self) -> usize {
         self.blocks

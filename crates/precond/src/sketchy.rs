@@ -729,7 +729,7 @@ impl<T: Scalar> Preconditioner<T> for Sketchy<T> {
     }
 
     /// Σ over blocks and sides (left: d = rows, right: d = cols; ℓ = min(rank, d)) of
-    /// 2·(d·ℓ + ℓ + 1)·size_of::<T>(): the sketch (U, λ, ρ) and its frozen copy (workspaces
+    /// 2·(d·ℓ + ℓ + 1)·`size_of::<T>()`: the sketch (U, λ, ρ) and its frozen copy (workspaces
     /// excluded).
     fn state_bytes(&self) -> usize {
         self.blocks

@@ -561,7 +561,7 @@ impl<T: Scalar> Preconditioner<T> for Soap<T> {
         Ok(())
     }
 
-    /// (Σ over preconditioned sides 2·d² + 2·b·m)·size_of::<T>(): L, Q_L (b × b), R, Q_R (m × m)
+    /// (Σ over preconditioned sides 2·d² + 2·b·m)·`size_of::<T>()`: L, Q_L (b × b), R, Q_R (m × m)
     /// and the moments m', v' (b × m).
     fn state_bytes(&self) -> usize {
         let sides = self.left.floats() + self.right.floats();
