@@ -1,11 +1,26 @@
 //! burn integration (cargo feature `burn`): the shared-basis optimizer as a burn 0.22 optimizer,
 //! usable wherever burn's `AdamConfig::new().init()` is.
 //!
-//! ```ignore
+//! ```
+//! use burn::nn::{Linear, LinearConfig};
+//! use burn::optim::GradientsParams;
+//! use burn::tensor::{Device, Distribution, Tensor};
 //! use precond::burn_adapter::SharedBasisOptimizerConfig;
-//! let mut optim = SharedBasisOptimizerConfig::new().with_rank(32).init()?; // a ModuleOptimizer
+//!
+//! let device = Device::flex().autodiff();
+//! let mut model: Linear = LinearConfig::new(8, 4).init(&device);
+//! let (mut optim, handle) = SharedBasisOptimizerConfig::new() // a ModuleOptimizer
+//!     .with_rank(4)
+//!     .with_rho_scale(precond::TUNED_RHO_SCALE)
+//!     .init_with_handle()?;
+//! let x = Tensor::<2>::random([16, 8], Distribution::Normal(0.0, 1.0), &device);
+//! let loss = model.forward(x).square().mean();
 //! let grads = GradientsParams::from_grads(loss.backward(), &model);
-//! model = optim.step(lr, model, grads);
+//! model = optim.step(1e-3, model, grads);
+//! // A refused or failed step is kept on the handle (nothing panics).
+//! assert!(handle.take_last_error().is_none());
+//! # let _ = model;
+//! # Ok::<(), precond::PrecondError>(())
 //! ```
 //!
 //! **How it plugs into burn 0.22.** burn 0.22's [`burn::optim::Optimizer`] is a *per-tensor*
