@@ -1,15 +1,19 @@
-//! burn integration (cargo feature `burn`): the shared-basis optimizer as a burn 0.22 optimizer,
-//! usable wherever burn's `AdamConfig::new().init()` is.
+//! burn integration (cargo feature `burn`): the library's optimizers as burn 0.22 optimizers,
+//! usable wherever burn's `AdamConfig::new().init()` is. Each method has its own config in
+//! [`crate::burn_optim`] ([`SharedBasisConfig`](crate::burn_optim::SharedBasisConfig),
+//! [`ShampooConfig`](crate::burn_optim::ShampooConfig), …); this module holds what they share
+//! (the per-tensor optimizer, its handle, records) and [`SharedBasisOptimizerConfig`], the
+//! config for any [`OptimizerConfig`].
 //!
 //! ```
 //! use burn::nn::{Linear, LinearConfig};
 //! use burn::optim::GradientsParams;
 //! use burn::tensor::{Device, Distribution, Tensor};
-//! use precond::burn_adapter::SharedBasisOptimizerConfig;
+//! use precond::burn_optim::SharedBasisConfig;
 //!
 //! let device = Device::flex().autodiff();
 //! let mut model: Linear = LinearConfig::new(8, 4).init(&device);
-//! let (mut optim, handle) = SharedBasisOptimizerConfig::new() // a ModuleOptimizer
+//! let (mut optim, handle) = SharedBasisConfig::new() // a ModuleOptimizer
 //!     .with_rank(4)
 //!     .with_rho_scale(precond::TUNED_RHO_SCALE)
 //!     .init_with_handle()?;
@@ -23,13 +27,28 @@
 //! # Ok::<(), precond::PrecondError>(())
 //! ```
 //!
+//! The same with any [`Method`] ([`SharedBasisOptimizerConfig`], which the per-method configs
+//! are a typed front of: the same optimizer, bit for bit):
+//!
+//! ```
+//! use precond::burn_adapter::SharedBasisOptimizerConfig;
+//! use precond::shampoo::ShampooConfig;
+//! use precond::Method;
+//!
+//! let optim = SharedBasisOptimizerConfig::new()
+//!     .with_method(Method::Shampoo(ShampooConfig { start_step: 5, ..Default::default() }))
+//!     .with_start_preconditioning_step(5)
+//!     .init()?;
+//! # Ok::<(), precond::PrecondError>(())
+//! ```
+//!
 //! **How it plugs into burn 0.22.** burn 0.22's [`burn::optim::Optimizer`] is a *per-tensor*
 //! trait (`&self`, the state passed in and returned, no backend parameter); the whole-module
 //! optimizer is the concrete [`ModuleOptimizer`], which maps every float parameter of a module,
 //! keeps each parameter's state keyed by its [`ParamId`], restores `require_grad` (and the
 //! autodiff checkpointing strategy) on the updated value, and saves states through
 //! `to_record`/`load_record`. [`SharedBasisOptimizer`] implements the per-tensor trait, and
-//! [`SharedBasisOptimizerConfig::init`] wraps it in a [`ModuleOptimizer`] exactly as
+//! [`BurnConfig::init`] (every config's `init`) wraps it in a [`ModuleOptimizer`] exactly as
 //! `AdamConfig::init` does. Per-parameter options (exclusion, block axis by [`ParamId`]) become
 //! burn parameter groups ([`ModuleOptimizer::with_group`]) of the same optimizer.
 //!
@@ -41,16 +60,16 @@
 //! 1-D parameters (biases) take the configured [`crate::Fallback`].
 //!
 //! **Error policy.** burn's step cannot return an error, so errors are recorded in a shared
-//! [`SharedBasisHandle`] (get one from [`SharedBasisOptimizerConfig::init_with_handle`] or
+//! [`SharedBasisHandle`] (get one from [`BurnConfig::init_with_handle`] or
 //! [`SharedBasisOptimizer::handle`]) and the step of that parameter is skipped:
 //! - a gradient with NaN/∞ leaves the parameter *and its state* untouched (the library never
 //!   uses such a gradient) and increments [`AdapterStats::skipped_non_finite`]. Under
-//!   [`NonFinitePolicy::Error`] (the default, [`SharedBasisOptimizerConfig::with_nonfinite`])
+//!   [`NonFinitePolicy::Error`] (the default, [`BurnConfig::with_nonfinite`])
 //!   it is an error, [`PrecondError::NonFiniteGradient`] in
 //!   [`SharedBasisHandle::last_error`]; under [`NonFinitePolicy::Skip`] it is a warning, the same
 //!   value in [`SharedBasisHandle::last_warning`], and `last_error` is left alone. Either way the
 //!   value names the parameter's own step and the parameter: its shape, and its module path when
-//!   the configuration was given names ([`SharedBasisOptimizerConfig::with_param_names`]; burn
+//!   the configuration was given names ([`BurnConfig::with_param_names`]; burn
 //!   hands a per-tensor optimizer neither the [`ParamId`] nor the path, so names travel through
 //!   one parameter group per named parameter). The policy of the optimizer doing the step
 //!   decides, also for a state restored from a record made under the other policy;
@@ -68,6 +87,94 @@
 //! Nothing is printed and nothing panics; check the handle after each step (or each epoch) to act
 //! on it.
 //!
+//! **Refused and failed steps: what a burn user sees.** `optim.step(lr, model, grads)` always
+//! returns the model; whether every parameter moved is on the handle of
+//! [`init_with_handle`](BurnConfig::init_with_handle):
+//! - [`SharedBasisHandle::last_error`] / [`take_last_error`](SharedBasisHandle::take_last_error):
+//!   the last refused or failed parameter step, as a [`PrecondError`] naming the step and the
+//!   parameter (a non-finite gradient under [`NonFinitePolicy::Error`], a refused
+//!   linear-algebra step, a state that does not fit);
+//! - [`SharedBasisHandle::last_warning`]: the last parameter step skipped under
+//!   [`NonFinitePolicy::Skip`];
+//! - [`SharedBasisHandle::stats`]: how many parameter steps were applied, skipped for a
+//!   non-finite gradient, or failed;
+//! - [`OptimizerConfig::gives_up`] (on [`BurnConfig::config`]): whether an error means that
+//!   parameter no longer moves (its run of refused steps reached
+//!   [`OptimizerConfig::max_linalg_failures`]), so training should stop rather than warn and go
+//!   on.
+//!
+//! A training loop that checks the handle after every step; the batch of step 2 holds a NaN, so
+//! its gradients do too and that step is refused for both parameters (they keep their values
+//! and states), and training goes on:
+//!
+//! ```
+//! use burn::nn::{Linear, LinearConfig};
+//! use burn::optim::GradientsParams;
+//! use burn::tensor::{Device, Tensor};
+//! use precond::burn_adapter::{param_names, AdapterStats};
+//! use precond::burn_optim::SharedBasisConfig;
+//! use precond::PrecondError;
+//!
+//! let device = Device::flex().autodiff();
+//! let mut model: Linear = LinearConfig::new(3, 2).init(&device);
+//! let config = SharedBasisConfig::new()
+//!     .with_rank(2)
+//!     .with_param_names(param_names(&model)); // errors name "weight" and "bias"
+//! let (mut optim, handle) = config.init_with_handle()?;
+//! let mut refused = Vec::new();
+//! for step in 1..=3 {
+//!     let nan = if step == 2 { f32::NAN } else { 0.5 };
+//!     let x = Tensor::<2>::from_data([[1.0, -2.0, nan], [0.0, 1.0, 3.0]], &device);
+//!     let loss = model.forward(x).square().mean();
+//!     let grads = GradientsParams::from_grads(loss.backward(), &model);
+//!     let before = model.weight.val().to_data();
+//!     model = optim.step(1e-2, model, grads);
+//!     if let Some(error) = handle.take_last_error() {
+//!         if config.config().gives_up(&error) {
+//!             return Err(error); // that parameter no longer moves: stop training
+//!         }
+//!         // Refused, not given up: this step left the parameter as it was; warn and go on.
+//!         assert_eq!(model.weight.val().to_data(), before);
+//!         refused.push(error);
+//!     }
+//! }
+//! assert_eq!(refused.len(), 1);
+//! let PrecondError::NonFiniteGradient { step, param } = &refused[0] else {
+//!     panic!("{:?}", refused[0]);
+//! };
+//! assert_eq!(*step, 2); // the parameter's own step
+//! assert!(param.as_deref().is_some_and(|p| p.contains("with shape")), "{param:?}");
+//! assert_eq!(
+//!     handle.stats(),
+//!     AdapterStats { applied: 4, skipped_non_finite: 2, failed: 0 }
+//! );
+//! # Ok::<(), PrecondError>(())
+//! ```
+//!
+//! Under [`NonFinitePolicy::Skip`] the same step is a warning instead:
+//!
+//! ```
+//! # use burn::nn::{Linear, LinearConfig};
+//! # use burn::optim::GradientsParams;
+//! # use burn::tensor::{Device, Tensor};
+//! use precond::burn_optim::ShampooConfig;
+//! use precond::NonFinitePolicy;
+//!
+//! # let device = Device::flex().autodiff();
+//! # let model: Linear = LinearConfig::new(3, 2).init(&device);
+//! let (mut optim, handle) = ShampooConfig::new()
+//!     .with_nonfinite(NonFinitePolicy::Skip)
+//!     .init_with_handle()?;
+//! let x = Tensor::<2>::from_data([[1.0, f32::NAN, 0.0]], &device);
+//! let grads = GradientsParams::from_grads(model.forward(x).sum().backward(), &model);
+//! let model = optim.step(1e-2, model, grads);
+//! assert!(handle.last_error().is_none());
+//! assert!(handle.last_warning().is_some());
+//! assert_eq!(handle.stats().skipped_non_finite, 2);
+//! # let _ = model;
+//! # Ok::<(), precond::PrecondError>(())
+//! ```
+//!
 //! **Records.** Each parameter's whole [`ParamOptimizer`] (configuration, view, statistics,
 //! grafting and momentum buffers, step count) is stored in burn's optimizer record as one `u8`
 //! tensor `"{param_id}.precond_state"` holding a compact binary serialization (raw
@@ -84,11 +191,11 @@
 //! kernel they were computed with, so they continue bit for bit.
 
 use crate::batched_eigen::BlockEigensolver;
+use crate::block_diag::BlockAdamConfig;
+use crate::burn_optim::BurnConfig;
 use crate::error::{PrecondError, Result};
-use crate::graft::{GraftConfig, GraftKind};
 use crate::optimizer::{Fallback, Method, NonFinitePolicy, OptimizerConfig, ParamOptimizer};
 use crate::shared_basis::{RhoMode, SharedBasisConfig};
-use crate::weight_decay::WeightDecayConfig;
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::{LearningRate, ModuleOptimizer, Optimizer, RecordState, StateSink, StateSource};
 use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
@@ -101,23 +208,63 @@ pub const RECORD_LEAF: &str = "precond_state";
 /// Chooses the block axis from a parameter's shape; `None` means the default (last axis).
 pub type BlockAxisRule = Arc<dyn Fn(&[usize]) -> Option<usize> + Send + Sync>;
 
-/// Builder of the burn optimizer, in burn's config style. Defaults are
+/// The burn optimizer for any [`OptimizerConfig`]: every [`Method`], chosen with
+/// [`with_method`](BurnConfig::with_method) or given whole with
+/// [`with_config`](BurnConfig::with_config). It is [`BurnConfig`] over the [`Method`] enum, so
+/// it has the per-parameter rules and the shared settings of every per-method config in
+/// [`crate::burn_optim`] (which set one method's own settings by name instead). Defaults are
 /// [`OptimizerConfig::default`]: shared basis with k = 32, RMSPROP_NORMALIZED grafting, Nesterov
-/// momentum 0.9, no weight decay, preconditioning from step 1, max block size 4096.
-#[derive(Clone, Default)]
-pub struct SharedBasisOptimizerConfig {
-    config: OptimizerConfig,
-    excluded: Vec<ParamId>,
-    block_axes: Vec<(ParamId, usize)>,
-    rule: Option<BlockAxisRule>,
-    names: Vec<(ParamId, Arc<str>)>,
-    fallbacks: Vec<(ParamId, Fallback)>,
+/// momentum 0.9, no weight decay, preconditioning from step 1, max block size 4096. Its
+/// shared-basis setters ([`with_rank`](BurnConfig::with_rank) and the others) switch the method
+/// to [`Method::SharedBasis`] (with its defaults) when it is another method.
+pub type SharedBasisOptimizerConfig = BurnConfig<Method>;
+
+impl BurnConfig<Method> {
+    /// Replaces the full per-parameter configuration.
+    pub fn with_config(mut self, config: OptimizerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The second-order method (any [`Method`], or graft-only as a baseline).
+    pub fn with_method(mut self, method: Method) -> Self {
+        self.config.method = method;
+        self
+    }
+
+    crate::burn_optim::shared_basis_setters!();
+
+    /// The kernel of the per-block eigenproblems of shared-basis and Block Adam
+    /// ([`BlockEigensolver`]; default batched): Block Adam's when the method is Block Adam,
+    /// otherwise shared-basis's (switching to it).
+    pub fn with_eigensolver(self, eigensolver: BlockEigensolver) -> Self {
+        if matches!(self.config.method, Method::BlockAdam(_)) {
+            self.edit(|c: &mut BlockAdamConfig| c.eigensolver = eigensolver)
+        } else {
+            self.edit(|c: &mut SharedBasisConfig| c.eigensolver = eigensolver)
+        }
+    }
 }
 
-impl fmt::Debug for SharedBasisOptimizerConfig {
+/// The per-parameter rules of a burn optimizer (exclusion, own fallback, block axis by
+/// [`ParamId`] or by rule, names): one implementation for every method's config.
+#[derive(Clone, Default)]
+pub(crate) struct ParamRules {
+    /// Parameters forced onto the fallback path.
+    pub(crate) excluded: Vec<ParamId>,
+    /// Per-parameter block axes (override the rule).
+    pub(crate) block_axes: Vec<(ParamId, usize)>,
+    /// The block axis from the shape, for parameters without their own.
+    pub(crate) rule: Option<BlockAxisRule>,
+    /// Names for the handle's errors and warnings.
+    pub(crate) names: Vec<(ParamId, Arc<str>)>,
+    /// Per-parameter fallbacks (of excluded parameters).
+    pub(crate) fallbacks: Vec<(ParamId, Fallback)>,
+}
+
+impl fmt::Debug for ParamRules {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SharedBasisOptimizerConfig")
-            .field("config", &self.config)
+        f.debug_struct("ParamRules")
             .field("excluded", &self.excluded)
             .field("block_axes", &self.block_axes)
             .field("rule", &self.rule.as_ref().map(|_| "<closure>"))
@@ -127,230 +274,13 @@ impl fmt::Debug for SharedBasisOptimizerConfig {
     }
 }
 
-impl SharedBasisOptimizerConfig {
-    /// The defaults (see the type's docs).
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The full per-parameter configuration.
-    pub fn config(&self) -> &OptimizerConfig {
-        &self.config
-    }
-
-    /// Replaces the full per-parameter configuration.
-    pub fn with_config(mut self, config: OptimizerConfig) -> Self {
-        self.config = config;
-        self
-    }
-
-    /// The second-order method (shared basis, or graft-only as a baseline).
-    pub fn with_method(mut self, method: Method) -> Self {
-        self.config.method = method;
-        self
-    }
-
-    fn sb(&mut self) -> &mut SharedBasisConfig {
-        if !matches!(self.config.method, Method::SharedBasis(_)) {
-            self.config.method = Method::SharedBasis(SharedBasisConfig::default());
-        }
-        match &mut self.config.method {
-            Method::SharedBasis(c) => c,
-            _ => unreachable!("set to SharedBasis above"),
-        }
-    }
-
-    /// Rank k of the shared basis. (This and the other shared-basis setters switch the method to
-    /// [`Method::SharedBasis`] if it was [`Method::GraftOnly`].)
-    pub fn with_rank(mut self, rank: usize) -> Self {
-        self.sb().rank = rank;
-        self
-    }
-
-    /// Oversampling p of the randomized SVD.
-    pub fn with_oversample(mut self, oversample: usize) -> Self {
-        self.sb().oversample = oversample;
-        self
-    }
-
-    /// Power iterations of the randomized SVD per step.
-    pub fn with_power_iters(mut self, power_iters: usize) -> Self {
-        self.sb().power_iters = power_iters;
-        self
-    }
-
-    /// ρ by `iters` power iterations.
-    pub fn with_rho_iters(mut self, iters: usize) -> Self {
-        self.sb().rho = RhoMode::PowerIteration(iters);
-        self
-    }
-
-    /// ρ computed exactly (audits; O(k³) per block).
-    pub fn with_rho_exact(mut self) -> Self {
-        self.sb().rho = RhoMode::Exact;
-        self
-    }
-
-    /// How ρ grows: the lost-mass policy ([`RhoMode`]: the paper's norm, a random start, the
-    /// Rayleigh quotient, frequent directions).
-    pub fn with_rho(mut self, rho: RhoMode) -> Self {
-        self.sb().rho = rho;
-        self
-    }
-
-    /// Multiplier on every ρ increment ([`SharedBasisConfig::rho_scale`]; 1 = Algorithm 1,
-    /// [`crate::TUNED_RHO_SCALE`] = the command line's `shared-basis` preset).
-    pub fn with_rho_scale(mut self, scale: f64) -> Self {
-        self.sb().rho_scale = scale;
-        self
-    }
-
-    /// The kernel of the per-block eigenproblems of shared-basis and Block Adam
-    /// ([`BlockEigensolver`]; default batched). Other methods ignore it.
-    pub fn with_eigensolver(mut self, eigensolver: BlockEigensolver) -> Self {
-        match &mut self.config.method {
-            Method::BlockAdam(c) => c.eigensolver = eigensolver,
-            _ => self.sb().eigensolver = eigensolver,
-        }
-        self
-    }
-
-    /// ε of eq. 6.
-    pub fn with_eps(mut self, eps: f64) -> Self {
-        self.sb().eps = eps;
-        self
-    }
-
-    /// Decay β2 of the shared-basis statistics (1 = Algorithm 1's plain sum).
-    pub fn with_beta2(mut self, beta2: f64) -> Self {
-        self.sb().beta2 = beta2;
-        self
-    }
-
-    /// Seed of the randomized SVD's Gaussian start.
-    pub fn with_seed(mut self, seed: u64) -> Self {
-        self.sb().seed = seed;
-        self
-    }
-
-    /// The grafting method (keeps the other grafting fields).
-    pub fn with_graft(mut self, kind: GraftKind) -> Self {
-        self.config.graft.kind = kind;
-        self
-    }
-
-    /// The full grafting configuration (kind, β1, β2, eps).
-    pub fn with_graft_config(mut self, graft: GraftConfig) -> Self {
-        self.config.graft = graft;
-        self
-    }
-
-    /// Momentum β1 (0 disables momentum).
-    pub fn with_beta1(mut self, beta1: f64) -> Self {
-        self.config.momentum.beta1 = beta1;
-        self
-    }
-
-    /// Nesterov momentum on or off.
-    pub fn with_nesterov(mut self, nesterov: bool) -> Self {
-        self.config.momentum.nesterov = nesterov;
-        self
-    }
-
-    /// Weight decay (rate and coupled/decoupled mode).
-    pub fn with_weight_decay(mut self, weight_decay: WeightDecayConfig) -> Self {
-        self.config.weight_decay = weight_decay;
-        self
-    }
-
-    /// First step (1-based) using the preconditioned direction.
-    pub fn with_start_preconditioning_step(mut self, step: u64) -> Self {
-        self.config.start_preconditioning_step = step;
-        self
-    }
-
-    /// Parameters whose view has more rows b than this take the fallback.
-    pub fn with_max_block_size(mut self, max_block_size: usize) -> Self {
-        self.config.max_block_size = max_block_size;
-        self
-    }
-
-    /// What parameters that are not preconditioned do.
-    pub fn with_fallback(mut self, fallback: Fallback) -> Self {
-        self.config.fallback = fallback;
-        self
-    }
-
-    /// What a gradient holding NaN or ∞ does: [`NonFinitePolicy::Error`] (default) records
-    /// [`PrecondError::NonFiniteGradient`] in [`SharedBasisHandle::last_error`];
-    /// [`NonFinitePolicy::Skip`] records it in [`SharedBasisHandle::last_warning`] instead.
-    /// Either way that parameter keeps its value and state for this step and
-    /// [`AdapterStats::skipped_non_finite`] counts it.
-    pub fn with_nonfinite(mut self, policy: NonFinitePolicy) -> Self {
-        self.config.nonfinite = policy;
-        self
-    }
-
-    /// Names parameters in the handle's errors and warnings (e.g. `"enc.0.weight"`; get them with
-    /// [`param_names`]). [`init`](Self::init) then gives each named parameter its own burn
-    /// parameter group (burn tells a per-tensor optimizer neither the id nor the path), with the
-    /// same exclusion and block axis it would have had. Replaces earlier names.
-    pub fn with_param_names(mut self, names: impl IntoIterator<Item = (ParamId, String)>) -> Self {
-        self.names = names
-            .into_iter()
-            .map(|(id, name)| (id, Arc::from(name)))
-            .collect();
-        self
-    }
-
-    /// Forces the fallback path for the parameter `id` (e.g. an embedding table).
-    pub fn exclude(mut self, id: ParamId) -> Self {
-        self.excluded.push(id);
-        self
-    }
-
-    /// Forces the fallback path for the parameter `id` with its own `fallback` (overriding
-    /// [`with_fallback`](Self::with_fallback) for it): e.g. the paper's SGD with momentum for an
-    /// embedding table while the other unpreconditioned parameters take the grafting direction.
-    pub fn exclude_with(mut self, id: ParamId, fallback: Fallback) -> Self {
-        self.fallbacks.retain(|(i, _)| *i != id);
-        self.fallbacks.push((id, fallback));
-        if !self.excluded.contains(&id) {
-            self.excluded.push(id);
-        }
-        self
-    }
-
-    /// Forces the fallback path for all of `ids`.
-    pub fn with_excluded(mut self, ids: impl IntoIterator<Item = ParamId>) -> Self {
-        self.excluded.extend(ids);
-        self
-    }
-
-    /// Blocks of parameter `id` along `axis` (overrides the rule and the default). An axis out of
-    /// range makes that parameter's first step fail (recorded in the handle).
-    pub fn with_block_axis(mut self, id: ParamId, axis: usize) -> Self {
-        self.block_axes.retain(|(i, _)| *i != id);
-        self.block_axes.push((id, axis));
-        self
-    }
-
-    /// A rule choosing the block axis from the parameter's shape (`None`: last axis). Applies to
-    /// parameters without a per-id axis.
-    pub fn with_block_axis_rule(
-        mut self,
-        rule: impl Fn(&[usize]) -> Option<usize> + Send + Sync + 'static,
-    ) -> Self {
-        self.rule = Some(Arc::new(rule));
-        self
-    }
-
-    /// The bare per-tensor optimizer for the default group (no exclusions or per-id axes; those
-    /// are applied by [`init`](Self::init)). Validates the configuration.
-    pub fn build(&self) -> Result<SharedBasisOptimizer> {
-        self.config.validate()?;
+impl ParamRules {
+    /// The bare per-tensor optimizer of `config` for the default group (no exclusions or per-id
+    /// axes: [`init_with_handle`](Self::init_with_handle) applies those). Validates `config`.
+    pub(crate) fn build(&self, config: &OptimizerConfig) -> Result<SharedBasisOptimizer> {
+        config.validate()?;
         Ok(SharedBasisOptimizer {
-            config: Arc::new(self.config.clone()),
+            config: Arc::new(config.clone()),
             excluded: false,
             axis: AxisChoice::Default(self.rule.clone()),
             label: None,
@@ -358,15 +288,12 @@ impl SharedBasisOptimizerConfig {
         })
     }
 
-    /// The whole-module optimizer, used like `AdamConfig::new().init()`. Validates the
-    /// configuration.
-    pub fn init(&self) -> Result<ModuleOptimizer> {
-        self.init_with_handle().map(|(o, _)| o)
-    }
-
-    /// [`init`](Self::init) plus the handle reporting errors, counters and state bytes.
-    pub fn init_with_handle(&self) -> Result<(ModuleOptimizer, SharedBasisHandle)> {
-        let base = self.build()?;
+    /// The whole-module optimizer of `config` under these rules, and its handle.
+    pub(crate) fn init_with_handle(
+        &self,
+        config: &OptimizerConfig,
+    ) -> Result<(ModuleOptimizer, SharedBasisHandle)> {
+        let base = self.build(config)?;
         let handle = base.handle();
         let mut optim = ModuleOptimizer::from(base.clone());
         // Every parameter with its own axis, exclusion, fallback or name gets a group of its own
@@ -419,7 +346,7 @@ impl SharedBasisOptimizerConfig {
 }
 
 /// The float parameters of `module` with their module paths (`"l1.weight"`, `"enc.0.bias"`), in
-/// visiting order: the names for [`SharedBasisOptimizerConfig::with_param_names`].
+/// visiting order: the names for [`BurnConfig::with_param_names`].
 pub fn param_names<M: Module>(module: &M) -> Vec<(ParamId, String)> {
     #[derive(Default)]
     struct Names {
@@ -473,7 +400,7 @@ struct HandleInner {
 }
 
 /// Shared view of one optimizer's diagnostics: last error, counters, state bytes. Cheap to
-/// clone; all clones (and all groups built by one [`SharedBasisOptimizerConfig::init`]) share it.
+/// clone; all clones (and all groups built by one [`BurnConfig::init`]) share it.
 #[derive(Clone, Default)]
 pub struct SharedBasisHandle {
     inner: Arc<Mutex<HandleInner>>,
@@ -593,7 +520,7 @@ struct StateMeta {
 
 /// The per-tensor burn optimizer (implements [`burn::optim::Optimizer`]). Use it with
 /// [`ModuleOptimizer::from`] or [`ModuleOptimizer::with_group`];
-/// [`SharedBasisOptimizerConfig::init`] does this for you.
+/// [`BurnConfig::init`] does this for you.
 #[derive(Clone)]
 pub struct SharedBasisOptimizer {
     config: Arc<OptimizerConfig>,

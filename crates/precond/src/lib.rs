@@ -12,6 +12,8 @@ pub mod block_diag;
 #[cfg(feature = "burn")]
 pub mod burn_adapter;
 #[cfg(feature = "burn")]
+pub mod burn_optim;
+#[cfg(feature = "burn")]
 pub mod burn_schedule;
 pub mod diagonal;
 pub mod error;
