@@ -8,7 +8,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor};
-use precond::burn_adapter::SharedBasisOptimizerConfig;
+use precond::burn_optim::SharedBasisConfig;
 
 #[derive(Module, Debug)]
 struct Mlp {
@@ -44,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut model = Mlp::new(d_in, width, d_out, &device);
     // The shared-basis optimizer with the `shared-basis` preset's ridge, rank 16 < 32 and 64.
-    let (mut optim, handle) = SharedBasisOptimizerConfig::new()
+    let (mut optim, handle) = SharedBasisConfig::new()
         .with_rank(16)
         .with_rho_scale(precond::TUNED_RHO_SCALE)
         .init_with_handle()?;
