@@ -8,6 +8,7 @@ pub mod accounting;
 pub mod checkpoint;
 pub mod config;
 pub mod optimizers;
+pub mod progress;
 pub mod run;
 pub mod tasks;
 

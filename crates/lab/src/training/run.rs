@@ -24,6 +24,7 @@ use crate::training::accounting::*;
 use crate::training::checkpoint::*;
 use crate::training::config::*;
 use crate::training::optimizers::{library_config, BuiltOptimizer, NonFinite};
+use crate::training::progress::{Display, Mode};
 use crate::training::tasks::{AutoencoderTask, TaggerTask, Workload};
 
 /// How a run ended.
@@ -360,6 +361,7 @@ fn train_loop<W: Workload>(
         steps_per_epoch,
         out.display()
     );
+    let display = Display::new(Mode::detect(), steps_per_epoch * config.epochs, p.step);
 
     'epochs: while p.epochs_done < config.epochs {
         let epoch_rng = RngState::of(&rng);
@@ -384,10 +386,11 @@ fn train_loop<W: Workload>(
             model = optim.optim.step(lr, model, grads);
             let skipped = optim.nonfinite_skips() - skips;
             for line in after_step(&optim, p.step + 1, skipped, nonfinite, library.as_ref())? {
-                eprintln!("{line}");
+                display.line(&line);
             }
             sync(device);
             let t2 = Instant::now();
+            display.step(p.step + 1, loss_value, (t2 - t0).as_secs_f64());
 
             p.fwd_bwd_s.push((t1 - t0).as_secs_f64());
             p.opt_step_s.push((t2 - t1).as_secs_f64());
@@ -417,7 +420,13 @@ fn train_loop<W: Workload>(
             eval_accuracy_root: eval.accuracy.map(|a| a.fraction()),
         });
         write_csv(out, &p.rows, config.tagger.is_some())?;
-        progress_line(&p, &config, steps_per_epoch, epochs_at_start, &session);
+        display.line(&epoch_line(
+            &p,
+            &config,
+            steps_per_epoch,
+            epochs_at_start,
+            &session,
+        ));
 
         if stop.load(Ordering::SeqCst) {
             ending = Ending::Interrupted;
@@ -434,6 +443,7 @@ fn train_loop<W: Workload>(
             }
         }
     }
+    display.finish();
     p.wall_s = wall_base + session.elapsed().as_secs_f64();
     write_checkpoint(&ckpt_path, &p, &model, &optim.optim)?;
     write_csv(out, &p.rows, config.tagger.is_some())?;
@@ -573,14 +583,18 @@ fn sync(device: &Device) {
     let _ = device.sync();
 }
 
-fn progress_line(
+/// The line printed after each epoch: losses, accuracy, the epoch's median step times, elapsed
+/// time and ETA.
+fn epoch_line(
     p: &Progress,
     config: &TrainConfig,
     steps_per_epoch: usize,
     epochs_at_start: usize,
     session: &Instant,
-) {
-    let Some(row) = p.rows.last() else { return };
+) -> String {
+    let Some(row) = p.rows.last() else {
+        return String::new();
+    };
     let recent = p.fwd_bwd_s.len().saturating_sub(steps_per_epoch);
     let fb = median(&p.fwd_bwd_s[recent..]).unwrap_or(0.0);
     let os = median(&p.opt_step_s[recent..]).unwrap_or(0.0);
@@ -591,7 +605,7 @@ fn progress_line(
         (true, Some(acc)) => format!("eval {:.4}  accuracy {:.2}%", row.test_loss, 100.0 * acc),
         _ => format!("test {:.4}", row.test_loss),
     };
-    eprintln!(
+    format!(
         "epoch {}/{}  train {:.4}  {eval}  step {:.3}s (fwd+bwd {:.3}s, opt {:.3}s)  elapsed {}  ETA {}",
         row.epoch,
         config.epochs,
@@ -601,7 +615,7 @@ fn progress_line(
         os,
         hms(row.wall_s),
         hms(eta)
-    );
+    )
 }
 
 fn hms(s: f64) -> String {
