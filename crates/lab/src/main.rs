@@ -1,26 +1,17 @@
 //! `precond`: the command line of the precond project (benchmarks, replay, reports).
 
-mod analyze;
-mod autoencoder;
-mod bench;
-mod compare;
-mod conllu;
-mod fastmath;
-mod mnist;
-mod npy;
-mod optimizers;
-mod replay;
-mod report;
-mod search;
-mod tagger;
-mod tasks;
-mod train;
+mod commands;
+mod data;
+mod models;
+mod training;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+
+use commands::{analyze, bench, compare, replay, report, search};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,10 +64,10 @@ enum CompareTask {
 #[derive(Debug, Subcommand)]
 enum TrainTask {
     /// The paper's MNIST autoencoder benchmark (NOTES.md §6)
-    Autoencoder(train::TrainArgs),
+    Autoencoder(training::TrainArgs),
     /// The paper's Transformer POS tagger on Universal Dependencies (NOTES.md §6; default: UD
     /// Ancient Greek PTNK, the small model)
-    Tagger(train::TaggerArgs),
+    Tagger(training::TaggerArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,7 +79,7 @@ fn main() -> ExitCode {
                 TrainTask::Tagger(args) => args.into(),
             };
             let stop = interrupt_flag();
-            train::run(&args, &stop)
+            training::run(&args, &stop)
                 .map(|r| {
                     let loss = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
                     let s = &r.summary;
@@ -109,7 +100,7 @@ fn main() -> ExitCode {
                     );
                     // 130: the conventional status of a run ended by SIGINT.
                     match r.summary.ending {
-                        train::Ending::Interrupted => ExitCode::from(130),
+                        training::Ending::Interrupted => ExitCode::from(130),
                         _ => ExitCode::SUCCESS,
                     }
                 })

@@ -1,24 +1,20 @@
-//! The two workloads of `precond train`: what the one training loop ([`crate::train`]) needs to
+//! The two workloads of `precond train`: what the one training loop ([`crate::training::run`]) needs to
 //! know about a task — its data, model, batches, loss and evaluation. The loop itself (schedule,
 //! optimizer steps, timing, checkpoints, outputs) is shared.
 
-use std::path::PathBuf;
-
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
-use precond::Fallback;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
-use crate::autoencoder::{sigmoid_cross_entropy, sigmoid_cross_entropy_sum, Autoencoder};
-use crate::conllu::{self, ConlluError, Encoded, TagColumn, Vocab};
-use crate::mnist::{self, Mnist, Split, PIXELS};
-use crate::optimizers::{
+use crate::data::conllu::{self, ConlluError, Encoded, TagColumn, Vocab};
+use crate::data::mnist::{self, Mnist, Split, PIXELS};
+use crate::models::autoencoder::{sigmoid_cross_entropy, sigmoid_cross_entropy_sum, Autoencoder};
+use crate::models::tagger::{self, Accuracy, Batch, DropoutRng, Tagger, TaggerDims};
+use crate::training::config::{EmbeddingRule, TagChoice, TrainConfig, TrainError};
+use crate::training::optimizers::{
     build_optimizer_for, build_optimizer_with, BuiltOptimizer, OptimizerError, OptimizerHparams,
 };
-use crate::tagger::{self, Accuracy, Batch, DropoutRng, Tagger, TaggerDims};
-use crate::train::{TrainConfig, TrainError};
 
 /// What an evaluation measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -164,68 +160,6 @@ impl Workload for AutoencoderTask {
 
 // ---------------------------------------------------------------------------------------------
 // The Transformer tagger.
-
-/// `--tag`: the target column.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum TagChoice {
-    /// XPOS where the training file has any, else UPOS (PTNK's XPOS column is empty)
-    #[default]
-    Auto,
-    /// The language-specific tags (column 5), as Flax's nlp_seq
-    Xpos,
-    /// The universal tags (column 4)
-    Upos,
-}
-
-/// `--size`: the model's preset dimensions.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum SizePreset {
-    /// 2 layers, width 128, MLP 512, 4 heads: trains in minutes on 2 cores
-    #[default]
-    Small,
-    /// The paper's: 6 layers, width 512, MLP 2048, 8 heads
-    Paper,
-}
-
-/// `--embedding`: what the embedding table (never preconditioned) does under the library's
-/// methods.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum EmbeddingRule {
-    /// The grafting direction (the same step size as every other parameter)
-    #[default]
-    Graft,
-    /// SGD with momentum (the paper's choice; it needs a learning rate on SGD's scale)
-    Sgd,
-}
-
-impl EmbeddingRule {
-    fn fallback(self) -> Fallback {
-        match self {
-            EmbeddingRule::Graft => Fallback::Graft,
-            EmbeddingRule::Sgd => Fallback::SgdMomentum,
-        }
-    }
-}
-
-/// The tagger's part of a run's config (`summary.json`'s `config.tagger`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaggerConfig {
-    pub train: PathBuf,
-    pub eval: PathBuf,
-    pub test: Option<PathBuf>,
-    pub tag: TagChoice,
-    pub min_count: usize,
-    pub size: SizePreset,
-    pub layers: usize,
-    pub width: usize,
-    pub mlp: usize,
-    pub heads: usize,
-    pub dropout: f64,
-    pub embedding: EmbeddingRule,
-}
 
 /// The tagger on a CoNLL-U treebank.
 pub struct TaggerTask {

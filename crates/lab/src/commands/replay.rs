@@ -27,9 +27,9 @@ use precond::{
 };
 use thiserror::Error;
 
-use crate::npy::parse_grads;
-pub use crate::npy::{GradData, Grads, Precision};
-use crate::optimizers::NonFinite;
+use crate::data::npy::parse_grads;
+pub use crate::data::npy::{GradData, Grads, Precision};
+use crate::training::optimizers::NonFinite;
 
 /// The long help of `precond replay` (used by main.rs).
 pub const LONG_ABOUT: &str = "\

@@ -40,7 +40,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
-use crate::conllu::PAD;
+use crate::data::conllu::PAD;
 
 /// LayerNorm epsilon: Flax's `nn.LayerNorm` default.
 const LAYER_NORM_EPS: f64 = 1e-6;
@@ -566,7 +566,7 @@ impl Tagger {
 
     /// SHA-256 (hex) over the little-endian bytes of [`flat_params`](Self::flat_params).
     pub fn params_sha256(&self) -> String {
-        crate::autoencoder::sha256_hex(&self.flat_params())
+        crate::models::autoencoder::sha256_hex(&self.flat_params())
     }
 }
 
@@ -682,7 +682,7 @@ pub fn accuracy(logits: Tensor<3>, batch: &Batch) -> Accuracy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conllu::ROOT;
+    use crate::data::conllu::ROOT;
 
     fn tiny(layers: usize, dropout: f64) -> TaggerDims {
         TaggerDims {

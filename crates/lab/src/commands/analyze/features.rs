@@ -48,10 +48,10 @@ use serde_json::json;
 
 use super::plot::{self, LinePlot, Series};
 use super::{create_dir, to_mat, write_csv, write_json, AnalyzeError, Loaded, ModelArgs};
-use crate::autoencoder::Autoencoder;
-use crate::conllu::{Encoded, PAD};
-use crate::mnist::{Split, PIXELS};
-use crate::tagger::{Batch, Tagger};
+use crate::data::conllu::{Encoded, PAD};
+use crate::data::mnist::{Split, PIXELS};
+use crate::models::autoencoder::Autoencoder;
+use crate::models::tagger::{Batch, Tagger};
 
 /// Samples per X by default: the paper's Figure 2 uses 1024.
 const PAPER_SAMPLES: usize = 1024;
@@ -238,7 +238,7 @@ fn autoencoder_features(
             let [rows, cols] = x.dims();
             let what = match i {
                 0 => "the images".to_string(),
-                i if i == crate::autoencoder::CODE_LAYER + 1 => "the linear code".into(),
+                i if i == crate::models::autoencoder::CODE_LAYER + 1 => "the linear code".into(),
                 _ => format!("tanh of layers.{}", i - 1),
             };
             let d_out = model.layers[i].weight.dims()[1];
@@ -584,8 +584,8 @@ fn write_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conllu::ROOT;
-    use crate::tagger::TaggerDims;
+    use crate::data::conllu::ROOT;
+    use crate::models::tagger::TaggerDims;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -673,7 +673,7 @@ mod tests {
         let input =
             || Tensor::<2>::from_data(TensorData::new(images.clone(), [n, PIXELS]), &device);
         let inputs = model.layer_inputs(input());
-        let widths = crate::autoencoder::WIDTHS;
+        let widths = crate::models::autoencoder::WIDTHS;
         let dims: Vec<[usize; 2]> = inputs.iter().map(|x| x.dims()).collect();
         let expect: Vec<[usize; 2]> = widths[..8].iter().map(|&w| [n, w]).collect();
         assert_eq!(dims, expect);
@@ -835,7 +835,7 @@ mod tests {
             Some("layer,index,singular_value,normalized,cumulative_share")
         );
         let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
-        let widths = crate::autoencoder::WIDTHS;
+        let widths = crate::models::autoencoder::WIDTHS;
         for (i, layer) in layers.iter().enumerate() {
             let name = format!("layers.{i}.input");
             assert_eq!(layer["name"], name.as_str());

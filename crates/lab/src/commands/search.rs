@@ -2,7 +2,7 @@
 //! search. Trial i draws its hyperparameters from a search space (a TOML file, by default
 //! `search/spaces/<task>/<optimizer>.toml`) with a ChaCha8 stream that depends only on the
 //! search seed and i, then trains one ordinary run directory `--out/trial-NNN/` through
-//! [`train::run`].
+//! [`training::run`].
 //!
 //! Outputs in `--out`: `trial-NNN/` (a run directory, plus `sampled.toml`, written before the
 //! training starts, and `failed.json` for a trial that diverged), `search.json` (task, optimizer
@@ -24,8 +24,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::optimizers::{NonFinite, OPTIMIZERS};
-use crate::train::{
+use crate::training::optimizers::{NonFinite, OPTIMIZERS};
+use crate::training::{
     self, TaggerSettings, TrainArgs, TrainConfig, TrainError, TrainSettings, CHECKPOINT,
 };
 
@@ -1037,7 +1037,7 @@ pub fn run(search: &Search, stop: &AtomicBool) -> Result<Outcome, SearchError> {
         let sampled = trial.dir.join(SAMPLED);
         if !sampled.is_file() {
             let text = sampled_toml(trial, opts.seed, &space_path);
-            train::write_atomic(&sampled, text.as_bytes())?;
+            training::write_atomic(&sampled, text.as_bytes())?;
         }
         let args = match trial.found {
             Found::Partial => TrainArgs {
@@ -1069,7 +1069,7 @@ pub fn run(search: &Search, stop: &AtomicBool) -> Result<Outcome, SearchError> {
             describe(&trial.sample)
         );
         let t0 = Instant::now();
-        match train::run(&args, stop) {
+        match training::run(&args, stop) {
             Ok(r) => {
                 if !r.summary.complete || stop.load(Ordering::SeqCst) {
                     done = false;
@@ -1093,7 +1093,7 @@ pub fn run(search: &Search, stop: &AtomicBool) -> Result<Outcome, SearchError> {
                     "wall_s": t0.elapsed().as_secs_f64(),
                 });
                 let json = serde_json::to_string_pretty(&record).unwrap_or_default();
-                train::write_atomic(&trial.dir.join(FAILED), json.as_bytes())?;
+                training::write_atomic(&trial.dir.join(FAILED), json.as_bytes())?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -1183,7 +1183,7 @@ fn check_record(out: &Path, record: &SearchRecord) -> Result<(), SearchError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let json = serde_json::to_string_pretty(record).unwrap_or_default();
-            train::write_atomic(&path, json.as_bytes())?;
+            training::write_atomic(&path, json.as_bytes())?;
             Ok(())
         }
         Err(e) => Err(io_err(&path)(e)),
@@ -1463,7 +1463,7 @@ fn best_toml(search: &Search, task: &str, space: &Path, row: &Row, objective: &s
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mnist;
+    use crate::data::mnist;
     use clap::{CommandFactory, Parser};
 
     #[derive(Debug, Parser)]
@@ -1601,7 +1601,7 @@ mod tests {
 
     #[test]
     fn shipped_spaces_cover_the_presets() {
-        use crate::optimizers::{autoencoder_searched, default_lr, default_tagger_lr};
+        use crate::training::optimizers::{autoencoder_searched, default_lr, default_tagger_lr};
         for task in ["autoencoder", "tagger"] {
             let tagger = (task == "tagger").then(TaggerSettings::default);
             for name in OPTIMIZERS {
@@ -1657,7 +1657,7 @@ mod tests {
 
     #[test]
     fn searched_autoencoder_presets_are_draws_of_their_spaces() {
-        use crate::optimizers::autoencoder_searched;
+        use crate::training::optimizers::autoencoder_searched;
         let names: Vec<&str> = OPTIMIZERS
             .iter()
             .copied()

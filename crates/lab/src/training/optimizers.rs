@@ -789,7 +789,7 @@ fn check(h: &OptimizerHparams) -> Result<(), OptimizerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::autoencoder::Autoencoder;
+    use crate::models::autoencoder::Autoencoder;
     use burn::optim::GradientsParams;
     use burn::tensor::{Device, Tensor};
 

@@ -1350,8 +1350,8 @@ mod tests {
     #[test]
     fn quick_on_a_tagger_run() {
         let tmp = tempfile::tempdir().unwrap();
-        let train_args = crate::train::tests::tagger_args(tmp.path(), "tagger", "adam", 1);
-        crate::train::run(&train_args, &AtomicBool::new(false)).unwrap();
+        let train_args = crate::training::run::tests::tagger_args(tmp.path(), "tagger", "adam", 1);
+        crate::training::run(&train_args, &AtomicBool::new(false)).unwrap();
         let out = tmp.path().join("sharing");
         let mut layers: Vec<String> = ["query", "key", "value", "attn_out", "mlp_in", "mlp_out"]
             .iter()

@@ -783,7 +783,7 @@ mod tests {
     #[test]
     #[ignore = "timing: run with --ignored --nocapture, preferably in release"]
     fn autoencoder_forward_backward_timing() {
-        use crate::autoencoder::{Autoencoder, CODE_LAYER, WIDTHS};
+        use crate::models::autoencoder::{Autoencoder, CODE_LAYER, WIDTHS};
         let device = Device::flex().autodiff();
         let model = Autoencoder::new(0, &device);
         let mut rng = ChaCha8Rng::seed_from_u64(13);

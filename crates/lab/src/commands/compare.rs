@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::optimizers::OPTIMIZERS;
-use crate::report;
-use crate::train::{self, Ending, TaggerSettings, TrainArgs, TrainSettings, CHECKPOINT};
+use crate::commands::report;
+use crate::training::optimizers::OPTIMIZERS;
+use crate::training::{self, Ending, TaggerSettings, TrainArgs, TrainSettings, CHECKPOINT};
 
 /// `precond compare autoencoder` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -75,7 +75,7 @@ pub enum CompareError {
     #[error("{}: {msg}", dir.display())]
     Existing { dir: PathBuf, msg: String },
     #[error(transparent)]
-    Train(#[from] train::TrainError),
+    Train(#[from] training::TrainError),
     #[error(transparent)]
     Report(#[from] report::ReportError),
 }
@@ -187,7 +187,7 @@ fn compare(
                 tagger: tagger.clone(),
             },
         };
-        let result = train::run(&train_args, stop)?;
+        let result = training::run(&train_args, stop)?;
         dirs.push(dir);
         if result.summary.ending != Ending::Completed || stop.load(Ordering::SeqCst) {
             eprintln!("interrupted; run the same command again to continue");

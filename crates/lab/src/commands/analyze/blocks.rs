@@ -490,7 +490,10 @@ fn chosen_layers(loaded: &Loaded, names: &[String]) -> Result<Vec<Layer>, Analyz
         };
         match loaded {
             Loaded::Autoencoder { .. } => {
-                let (d_in, d_out) = (crate::autoencoder::WIDTHS[1], crate::autoencoder::WIDTHS[2]);
+                let (d_in, d_out) = (
+                    crate::models::autoencoder::WIDTHS[1],
+                    crate::models::autoencoder::WIDTHS[2],
+                );
                 let layer = all
                     .iter()
                     .find(|l| (l.d_in, l.d_out) == (d_in, d_out))

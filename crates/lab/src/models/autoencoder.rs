@@ -76,7 +76,7 @@ impl Autoencoder {
             visit(&x);
             x = layer.forward(x);
             if i != last && i != CODE_LAYER {
-                x = crate::fastmath::tanh(x);
+                x = crate::models::fastmath::tanh(x);
             }
         }
         x
@@ -132,7 +132,7 @@ pub fn sigmoid_cross_entropy(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1>
 
 /// The same loss summed over the batch too (for evaluation in batches).
 pub fn sigmoid_cross_entropy_sum(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
-    crate::fastmath::sigmoid_cross_entropy_sum(logits, targets)
+    crate::models::fastmath::sigmoid_cross_entropy_sum(logits, targets)
 }
 
 #[cfg(test)]

@@ -35,11 +35,11 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use thiserror::Error;
 
-use crate::autoencoder::Autoencoder;
-use crate::optimizers::OptimizerHparams;
-use crate::tagger::Tagger;
-use crate::tasks::{AutoencoderTask, TaggerTask, Workload};
-use crate::train::{self, TaggerSettings, TrainArgs, TrainConfig, TrainError, TrainSettings};
+use crate::models::autoencoder::Autoencoder;
+use crate::models::tagger::Tagger;
+use crate::training::optimizers::OptimizerHparams;
+use crate::training::tasks::{AutoencoderTask, TaggerTask, Workload};
+use crate::training::{self, TaggerSettings, TrainArgs, TrainConfig, TrainError, TrainSettings};
 
 /// `precond analyze` subcommands.
 #[derive(Debug, Subcommand)]
@@ -318,7 +318,7 @@ impl Loaded {
             Some(dir) => dir.clone(),
             None => {
                 let dir = out.join("model");
-                if !dir.join(train::CHECKPOINT).is_file() {
+                if !dir.join(training::CHECKPOINT).is_file() {
                     brief_run(args, quick, &dir)?;
                 } else {
                     eprintln!("analyze: reusing the model in {}", dir.display());
@@ -326,7 +326,7 @@ impl Loaded {
                 dir
             }
         };
-        let (config, bytes) = train::load_run(&dir)?;
+        let (config, bytes) = training::load_run(&dir)?;
         let device = Device::flex().autodiff();
         let record = |bytes: Vec<u8>| {
             ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes))
@@ -576,7 +576,7 @@ fn brief_run(args: &ModelArgs, quick: bool, dir: &Path) -> Result<(), AnalyzeErr
         if tagger { "tagger" } else { "autoencoder" },
         dir.display()
     );
-    train::run(&train_args, &AtomicBool::new(false))?;
+    training::run(&train_args, &AtomicBool::new(false))?;
     Ok(())
 }
 
@@ -591,7 +591,7 @@ pub(crate) mod test_support {
             return real;
         }
         let dir = tmp.join("mnist");
-        crate::mnist::write_fixture(&dir, 2000, 500, true).unwrap();
+        crate::data::mnist::write_fixture(&dir, 2000, 500, true).unwrap();
         dir
     }
 
@@ -617,7 +617,7 @@ mod tests {
         let loaded = quick_autoencoder(tmp.path(), &out);
         let layers = loaded.layers();
         let shapes: Vec<(usize, usize)> = layers.iter().map(|l| (l.d_in, l.d_out)).collect();
-        let widths = crate::autoencoder::WIDTHS;
+        let widths = crate::models::autoencoder::WIDTHS;
         let expect: Vec<(usize, usize)> = widths.windows(2).map(|w| (w[0], w[1])).collect();
         assert_eq!(shapes, expect);
         assert!(loaded.layer("nope").is_err());
@@ -649,7 +649,7 @@ mod tests {
             let z = layer.forward(t);
             width = z.dims()[1];
             let last_layer = l == valid.layers.len() - 1;
-            let z = if last_layer || l == crate::autoencoder::CODE_LAYER {
+            let z = if last_layer || l == crate::models::autoencoder::CODE_LAYER {
                 z
             } else {
                 z.tanh()

@@ -34,13 +34,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::autoencoder::{sigmoid_cross_entropy, Autoencoder, WIDTHS};
-use crate::mnist::{self, PIXELS};
-use crate::optimizers::{
+use crate::commands::report;
+use crate::data::mnist::{self, PIXELS};
+use crate::models::autoencoder::{sigmoid_cross_entropy, Autoencoder, WIDTHS};
+use crate::training::optimizers::{
     block_eigensolver, build_optimizer_for, library_config, OptimizerError, OptimizerHparams,
 };
-use crate::report;
-use crate::train::{self, Machine, DEFAULT_DATA};
+use crate::training::{self, Machine, DEFAULT_DATA};
 use burn::module::Module;
 
 #[derive(Debug, Subcommand)]
@@ -149,7 +149,7 @@ pub struct StepReport {
 
 /// The median of timings that are never empty here (steps and reps are at least 1).
 fn median(v: &[f64]) -> f64 {
-    train::median(v).unwrap_or(f64::NAN)
+    training::median(v).unwrap_or(f64::NAN)
 }
 
 fn mean(v: &[f64]) -> f64 {

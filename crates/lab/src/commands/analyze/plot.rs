@@ -1,5 +1,5 @@
 //! Plots of `precond analyze`: line plots with optional log axes and heatmaps, each written as
-//! `<stem>.png` and `<stem>.svg` with the bundled font (see [`crate::report`]).
+//! `<stem>.png` and `<stem>.svg` with the bundled font (see [`crate::commands::report`]).
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::AnalyzeError;
-use crate::report::{register_font, COLORS, FONT};
+use crate::commands::report::{register_font, COLORS, FONT};
 
 /// Pixel size of a line plot.
 const LINE_SIZE: (u32, u32) = (1000, 640);

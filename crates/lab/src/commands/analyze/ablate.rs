@@ -33,9 +33,9 @@ use serde_json::{json, Value};
 
 use super::plot::{self, LinePlot, Series};
 use super::{create_dir, write_csv, write_json, AnalyzeError};
-use crate::optimizers::LibraryHparams;
-use crate::search::{diff, read_json};
-use crate::train::{self, TrainArgs, TrainConfig, TrainError, TrainSettings, CHECKPOINT};
+use crate::commands::search::{diff, read_json};
+use crate::training::optimizers::LibraryHparams;
+use crate::training::{self, TrainArgs, TrainConfig, TrainError, TrainSettings, CHECKPOINT};
 
 /// The optimizer every run uses.
 const OPTIMIZER: &str = "shared-basis";
@@ -483,7 +483,7 @@ fn inspect(run: &Run) -> Result<Found, AnalyzeError> {
         }
         None => {
             // A checkpoint without a readable summary: its own record of the settings decides.
-            let (config, _) = train::load_run(dir)?;
+            let (config, _) = training::load_run(dir)?;
             let recorded = serde_json::to_value(&config)
                 .map_err(|e| AnalyzeError::Invalid(format!("{}: {e}", dir.display())))?;
             other(&recorded, CHECKPOINT)?;
@@ -518,7 +518,7 @@ fn train_one(
             ..Default::default()
         }
     };
-    match train::run(&args, stop) {
+    match training::run(&args, stop) {
         Ok(r) if r.summary.complete => {
             let summary = read_json(&r.out.join("summary.json")).ok_or_else(|| {
                 AnalyzeError::Invalid(format!(
@@ -825,7 +825,7 @@ fn table(plan: &Plan, found: &[Found]) -> String {
 mod tests {
     use super::super::test_support::mnist_dir;
     use super::*;
-    use crate::autoencoder::WIDTHS;
+    use crate::models::autoencoder::WIDTHS;
     use std::fs;
 
     fn quick(tmp: &Path, out: &Path) -> AblateArgs {
@@ -1039,7 +1039,7 @@ mod tests {
         let planned = plan(&args).unwrap();
         assert_eq!(planned.runs.len(), 1);
         let first = &planned.runs[0];
-        let part = train::run(
+        let part = training::run(
             &TrainArgs {
                 settings: TrainSettings {
                     out: Some(first.dir.clone()),
