@@ -55,3 +55,9 @@ pub use shared_basis::{BlockRidge, RhoMode, SharedBasis, SharedBasisConfig, TUNE
 pub use soap::{Soap, SoapConfig};
 pub use view::ParamView;
 pub use weight_decay::{WeightDecayConfig, WeightDecayMode};
+
+/// The README's Rust block, compiled and run as a doctest (`cargo test --workspace` builds this
+/// crate with `burn`), so the front page's example cannot rot.
+#[cfg(all(doctest, feature = "burn"))]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctest;
