@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod batched_eigen;
+mod batched_power;
 pub mod block_diag;
 #[cfg(feature = "burn")]
 pub mod burn_adapter;

@@ -58,6 +58,7 @@
 //! ([`crate::OptimizerConfig::max_linalg_failures`]).
 
 use crate::batched_eigen::{BlockEigensolver, EigenPack, Isa, LANES};
+use crate::batched_power::{LaneNorm, ResidualPack};
 use crate::error::{invalid, Result};
 use crate::linalg::{
     blocks_per_task, gemm, lower_finite, par_layer, symmetrize, thin_q, thin_svd_left, KernelError,
@@ -448,6 +449,8 @@ struct BlockScratch<T: Scalar> {
     pack: Option<EigenPack<T>>,
     tildes: Vec<Mat<T>>,
     coefs: Vec<T>,
+    /// The batched path's step 5 for [`RhoMode::PowerIteration`], the layer's lift loaded.
+    residual: Option<ResidualPack<T>>,
 }
 
 impl<T: Scalar> SharedBasis<T> {
@@ -845,6 +848,7 @@ impl<T: Scalar> BlockScratch<T> {
             pack: None,
             tildes: Vec::new(),
             coefs: Vec::new(),
+            residual: None,
         }
     }
 
@@ -1295,13 +1299,16 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
             loaded[lane] = true;
         }
         let solved = pack.solve(Isa::Detect);
-        let mut done = [false; LANES];
+        // Step 4 for the solved lanes: R_i = R̃_i − λ_min I. A lane the pack could not solve
+        // goes through faer, steps 4–6 at once.
+        let mut lambda_mins = [T::zero(); LANES];
+        let mut formed = [false; LANES];
         for lane in 0..count {
             if !loaded[lane] {
                 continue;
             }
             let i = first + lane;
-            let r_new =
+            let mut r_new =
                 MatMut::from_column_major_slice_mut(&mut coeffs[lane * kk..(lane + 1) * kk], k, k);
             if !solved[lane] {
                 let dir =
@@ -1313,25 +1320,31 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
             let lambda_min = (0..k)
                 .map(|j| pack.eigenvalue(lane, j))
                 .fold(T::infinity(), |a, b| a.min(b));
-            // Step 4: R_i = R̃_i − λ_min I.
-            let mut r_new = r_new;
             r_new.copy_from(tildes[lane].as_ref());
             for j in 0..k {
                 r_new[(j, j)] -= lambda_min;
             }
-            let r_old =
-                MatRef::from_column_major_slice(&self.old_coeffs[i * kk..(i + 1) * kk], k, k);
-            // Step 5.
-            let norm = match self.increment(i, sc, r_old, r_new.rb(), lambda_min) {
+            lambda_mins[lane] = lambda_min;
+            formed[lane] = true;
+        }
+        // Step 5: δ_i, eight blocks at once for the power iteration, else block by block.
+        let norms = self.pack_increments(first, sc, coeffs, &formed, &lambda_mins);
+        let mut done = [false; LANES];
+        for lane in 0..count {
+            if !formed[lane] {
+                continue;
+            }
+            let norm = match norms[lane] {
                 Ok(norm) => norm,
                 Err(outcome) => {
                     worst = worst.max(outcome);
                     continue;
                 }
             };
-            let rho = self.updated_lost_mass(i, norm);
+            let rho = self.updated_lost_mass(first + lane, norm);
             lost_mass[lane] = rho;
             // Step 6 (eq. 6), as in `run`: w = diag((l + c)^{−1/2} − c^{−1/2}) Vᵀ c_i.
+            let lambda_min = lambda_mins[lane];
             let shift = rho + self.eps;
             let iso_l = T::one() / shift.sqrt();
             iso[lane] = iso_l;
@@ -1351,6 +1364,59 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         sc.pack = Some(pack);
         sc.tildes = tildes;
         worst
+    }
+
+    /// Step 5 for the `formed` lanes of the pack at `first` (their R_i in `coeffs`): with
+    /// [`RhoMode::PowerIteration`] all lanes at once ([`crate::batched_power`]), with the other
+    /// policies block by block ([`Self::increment`]).
+    fn pack_increments(
+        &self,
+        first: usize,
+        sc: &mut BlockScratch<T>,
+        coeffs: &[T],
+        formed: &[bool; LANES],
+        lambda_mins: &[T; LANES],
+    ) -> [std::result::Result<T, BlockOutcome>; LANES] {
+        let (k, kk) = (self.k, self.k * self.k);
+        let r_new = |lane: usize| {
+            MatRef::from_column_major_slice(&coeffs[lane * kk..(lane + 1) * kk], k, k)
+        };
+        let r_old = |i: usize| {
+            MatRef::from_column_major_slice(&self.old_coeffs[i * kk..(i + 1) * kk], k, k)
+        };
+        let mut out = [Ok(T::zero()); LANES];
+        if let (RhoMode::PowerIteration(iters), Some(mut residual)) = (self.rho, sc.residual.take())
+        {
+            for (lane, &formed) in formed.iter().enumerate() {
+                if !formed {
+                    residual.clear(lane);
+                    continue;
+                }
+                let i = first + lane;
+                residual.load(
+                    lane,
+                    r_new(lane),
+                    self.has_basis.then(|| r_old(i)),
+                    self.decay,
+                    self.wide_coef.col(i).iter().copied(),
+                    self.outside[i],
+                );
+            }
+            let norms = residual.power_norms(iters, Isa::Detect);
+            for (o, n) in out.iter_mut().zip(norms) {
+                *o = match n {
+                    LaneNorm::Norm(v) => Ok(v),
+                    LaneNorm::Overflow => Err(BlockOutcome::Overflow),
+                };
+            }
+            sc.residual = Some(residual);
+            return out;
+        }
+        for lane in (0..LANES).filter(|&l| formed[l]) {
+            let i = first + lane;
+            out[lane] = self.increment(i, sc, r_old(i), r_new(lane), lambda_mins[lane]);
+        }
+        out
     }
 }
 
@@ -1608,6 +1674,11 @@ impl<T: Scalar> SharedBasis<T> {
                 let first = c * chunk;
                 let mut worst = BlockOutcome::Done;
                 if batched {
+                    if let RhoMode::PowerIteration(_) = inputs.rho {
+                        let mut residual = ResidualPack::new(k, extra);
+                        residual.set_lift(inputs.has_basis.then_some(inputs.lift));
+                        sc.residual = Some(residual);
+                    }
                     for (p, start) in (0..rho.len()).step_by(LANES).enumerate() {
                         let end = (start + LANES).min(rho.len());
                         worst = worst.max(inputs.run_pack(
