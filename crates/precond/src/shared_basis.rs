@@ -874,7 +874,7 @@ fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
 /// |v|₂ without overflow: √(v·v) where that is finite, else computed on v scaled by a power of
 /// two (exact), so that a residual of norm ≈ 1e19 … 1e38 in f32 still has its norm. ∞ or NaN
 /// only for a vector holding them.
-fn norm2<T: Scalar>(v: &[T]) -> T {
+pub(crate) fn norm2<T: Scalar>(v: &[T]) -> T {
     let direct = dot(v, v);
     if direct.is_finite() {
         return direct.sqrt();
@@ -882,6 +882,10 @@ fn norm2<T: Scalar>(v: &[T]) -> T {
     let largest = v.iter().fold(T::zero(), |acc, &x| acc.max(x.abs()));
     if !largest.is_finite() {
         return largest + T::one();
+    }
+    // `max` skips NaN: a vector of NaN (and zeros) has no scale to find; its norm is NaN.
+    if largest <= T::zero() {
+        return direct;
     }
     let shift = pow2::<T>(-(largest.f64().log2().floor() as i32));
     let scaled = v
