@@ -25,6 +25,7 @@
 
 use crate::batched_eigen::{Isa, LANES};
 use crate::scalar::Scalar;
+use crate::shared_basis::norm2;
 use faer::MatRef;
 
 /// The residuals of up to [`LANES`] blocks, lane-interleaved, and the iteration's vectors.
@@ -243,7 +244,7 @@ impl<T: Scalar> ResidualPack<T> {
                 for (dst, vj) in self.column.iter_mut().zip(v.iter()) {
                     *dst = vj[l];
                 }
-                scaled_norm(&self.column)
+                norm2(&self.column)
             };
         }
         len
@@ -326,19 +327,6 @@ impl<T: Scalar> ResidualPack<T> {
             y_last[l] += self.nu[l] * ex[l];
         }
     }
-}
-
-/// |v| of a vector whose sum of squares overflowed: scaled by a power of two first (exact).
-fn scaled_norm<T: Scalar>(v: &[T]) -> T {
-    let largest = v.iter().fold(T::zero(), |acc, &x| acc.max(x.abs()));
-    if !largest.is_finite() {
-        return largest + T::one();
-    }
-    let shift = T::of((-(largest.f64().log2().floor())).exp2());
-    let scaled = v
-        .iter()
-        .fold(T::zero(), |acc, &x| acc + (x * shift) * (x * shift));
-    scaled.sqrt() / shift
 }
 
 #[cfg(test)]
