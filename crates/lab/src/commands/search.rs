@@ -82,7 +82,7 @@ pub enum SearchTask {
 #[derive(Debug, Clone, clap::Args)]
 pub struct SearchOptions {
     /// Optimizer preset whose hyperparameters are searched: adam, shared-basis,
-    /// shared-basis-paper, shampoo-250, shampoo-1000, sketchy, block-adam
+    /// shared-basis-paper, shampoo-250, shampoo-1000, sketchy, block-adam, soap, muon
     #[arg(long)]
     pub optimizer: String,
     /// Number of trials; the same command with more adds the missing ones
@@ -110,16 +110,17 @@ pub struct PassThrough {
     /// Peak learning rate [default: the preset's]
     #[arg(long)]
     pub lr: Option<f64>,
-    /// adam, block-adam: first-moment decay; shared-basis, shampoo, sketchy: momentum
+    /// adam, block-adam, soap: first-moment decay; shared-basis, shampoo, sketchy, muon: momentum
     #[arg(long)]
     pub beta1: Option<f64>,
-    /// adam, block-adam: second-moment decay; shared-basis, shampoo, sketchy: statistics decay
+    /// adam, block-adam, soap, muon (its AdamW): second-moment decay; shared-basis, shampoo,
+    /// sketchy: statistics decay
     #[arg(long)]
     pub beta2: Option<f64>,
     /// Epsilon (see `precond train --help`)
     #[arg(long)]
     pub eps: Option<f64>,
-    /// Weight decay, coupled [default: 0]
+    /// Weight decay, coupled (decoupled for soap and muon) [default: 0; soap 0.01]
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// shared-basis: rank k of the basis; sketchy: sketch rank
@@ -143,10 +144,12 @@ pub struct PassThrough {
     /// shared-basis, block-adam: the per-block eigensolver (batched, faer)
     #[arg(long)]
     pub eigensolver: Option<String>,
-    /// shampoo, sketchy: largest block side; block-adam: rows per block
+    /// shampoo, sketchy: largest block side; block-adam: rows per block; soap: largest side
+    /// rotated (max_precond_dim)
     #[arg(long)]
     pub block_size: Option<usize>,
-    /// shampoo, sketchy: steps between inverse-root recomputations
+    /// shampoo, sketchy: steps between inverse-root recomputations; soap: between eigenbasis
+    /// refreshes
     #[arg(long)]
     pub precondition_every: Option<u64>,
     /// ours: grafting: none, sgd, adagrad, rmsprop, rmsprop-normalized, adam

@@ -711,12 +711,13 @@ pub enum SizePreset {
     Paper,
 }
 
-/// `--embedding`: what the embedding table (never preconditioned) does under the library's
-/// methods.
+/// `--embedding`: what the embedding table does under the library's methods. The methods that
+/// precondition matrices and graft (shared-basis, Shampoo, Sketchy) never precondition it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum EmbeddingRule {
-    /// The grafting direction (the same step size as every other parameter)
+    /// The grafting direction (the same step size as every other parameter); block-adam and
+    /// soap, which have no grafting and take every shape, apply themselves to it like Adam
     #[default]
     Graft,
     /// SGD with momentum (the paper's choice; it needs a learning rate on SGD's scale)

@@ -539,6 +539,18 @@ impl BuiltOptimizer {
 }
 
 /// The library configuration of `h` (one of our presets), for the burn adapter.
+/// Whether `h` is a library method that takes parameters of every shape itself and has no
+/// grafting (Block Adam, SOAP, the diagonal methods): such a method has nothing sensible to give
+/// a parameter it is told not to precondition, so the tagger leaves its embedding table to it.
+pub fn takes_every_shape(h: &OptimizerHparams) -> Result<bool, OptimizerError> {
+    if h.library.is_none() {
+        return Ok(false);
+    }
+    let config = library_config(h)?;
+    let config = config.config();
+    Ok(config.method.takes_every_shape() && config.graft.kind == GraftKind::None)
+}
+
 pub fn library_config(h: &OptimizerHparams) -> Result<SharedBasisOptimizerConfig, OptimizerError> {
     let lib = h
         .library

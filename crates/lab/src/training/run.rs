@@ -1032,6 +1032,37 @@ pub(crate) mod tests {
         assert!(bytes[1] < bytes[0], "{bytes:?}");
     }
 
+    /// Block Adam and SOAP (no grafting, every shape) take the embedding table themselves under
+    /// the default rule: their state then holds its moments, more than the one momentum buffer
+    /// of `--embedding sgd`; the methods that graft keep it out of the preconditioner.
+    #[test]
+    fn tagger_leaves_the_embedding_to_methods_without_grafting() {
+        use crate::training::optimizers::{takes_every_shape, OptimizerHparams};
+        for (name, own) in [
+            ("soap", true),
+            ("block-adam", true),
+            ("shared-basis", false),
+            ("shampoo-1000", false),
+            ("sketchy", false),
+            ("adam", false),
+            ("muon", false),
+        ] {
+            let h = OptimizerHparams::preset(name).unwrap();
+            assert_eq!(takes_every_shape(&h).unwrap(), own, "{name}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        for name in ["soap", "block-adam"] {
+            let mut bytes = Vec::new();
+            for rule in [EmbeddingRule::Graft, EmbeddingRule::Sgd] {
+                let mut args = tagger_args(tmp.path(), &format!("{name}-{rule:?}"), name, 1);
+                args.tagger.as_mut().unwrap().embedding = Some(rule);
+                let r = run(&args, &AtomicBool::new(false)).unwrap();
+                bytes.push(r.summary.optimizer_state_bytes);
+            }
+            assert!(bytes[0] > bytes[1], "{name}: {bytes:?}");
+        }
+    }
+
     #[test]
     fn tagger_settings_come_from_flags_and_toml() {
         let tmp = tempfile::tempdir().unwrap();

@@ -13,7 +13,8 @@ use crate::models::autoencoder::{sigmoid_cross_entropy, sigmoid_cross_entropy_su
 use crate::models::tagger::{self, Accuracy, Batch, DropoutRng, Tagger, TaggerDims};
 use crate::training::config::{EmbeddingRule, TagChoice, TrainConfig, TrainError};
 use crate::training::optimizers::{
-    build_optimizer_for, build_optimizer_with, BuiltOptimizer, OptimizerError, OptimizerHparams,
+    build_optimizer_for, build_optimizer_with, takes_every_shape, BuiltOptimizer, OptimizerError,
+    OptimizerHparams,
 };
 
 /// What an evaluation measured.
@@ -272,20 +273,22 @@ impl Workload for TaggerTask {
         Tagger::new(&self.dims, seed, device)
     }
 
-    /// The embedding table is never preconditioned ([`EmbeddingRule`]); LayerNorm scales and
-    /// biases (1-D) take the grafting direction; every 2-D weight (q, k, v and the attention
-    /// output as four separate `[width, width]` matrices, the two MLP matrices, the output layer)
-    /// is preconditioned with one block per output neuron.
+    /// The embedding table is never preconditioned by the methods that precondition matrices
+    /// ([`EmbeddingRule`]); LayerNorm scales and biases (1-D) take the grafting direction; every
+    /// 2-D weight (q, k, v and the attention output as four separate `[width, width]` matrices,
+    /// the two MLP matrices, the output layer) is preconditioned with one block per output
+    /// neuron. A method that takes every shape and has no grafting (Block Adam, SOAP) takes the
+    /// embedding table too under the default rule: its "grafting direction" would be the raw
+    /// gradient, SGD without momentum at an Adam-scale rate, which leaves the table all but
+    /// frozen (SOAP's tagger runs before 2026-12-03's fourth session: 60.17%).
     fn optimizer(
         &self,
         h: &OptimizerHparams,
         model: &Tagger,
     ) -> Result<BuiltOptimizer, OptimizerError> {
-        build_optimizer_with(
-            h,
-            model,
-            &[(model.embedding.weight.id, self.embedding.fallback())],
-        )
+        let own = self.embedding == EmbeddingRule::Graft && takes_every_shape(h)?;
+        let excluded = [(model.embedding.weight.id, self.embedding.fallback())];
+        build_optimizer_with(h, model, if own { &[] } else { &excluded })
     }
 
     fn train_len(&self) -> usize {
