@@ -166,6 +166,26 @@ impl<T: Scalar> EigenPack<T> {
         }
     }
 
+    /// [`load`](Self::load) from an n×n matrix held column-major in `a` (its lower triangle is
+    /// read), without a closure call per element.
+    pub fn load_col_major(&mut self, lane: usize, a: &[T], x: &[T]) {
+        let n = self.n;
+        let mut largest = T::zero();
+        for c in 0..n {
+            for (r, &v) in a[c * n + c..(c + 1) * n].iter().enumerate() {
+                largest = largest.max(v.abs());
+                self.a[(c + r) * n + c][lane] = v;
+            }
+        }
+        let (scale, unscale) = power_of_two_scale(largest);
+        self.scale[lane] = scale;
+        self.unscale[lane] = unscale;
+        self.loaded[lane] = true;
+        for (wr, &xr) in self.w.iter_mut().zip(x) {
+            wr[lane] = xr;
+        }
+    }
+
     /// Fills lane `lane` with the zero problem (for a pack with fewer than [`LANES`] blocks).
     pub fn clear(&mut self, lane: usize) {
         for a in self.a.iter_mut() {

@@ -118,10 +118,32 @@ impl<T: Scalar> ResidualPack<T> {
     ) {
         let k = self.k;
         for c in 0..k {
-            for r in 0..k {
-                let at = c * k + r;
-                self.r_new[at][lane] = r_new[(r, c)];
-                self.r_old[at][lane] = r_old.map_or(T::zero(), |m| decay * m[(r, c)]);
+            let news = &mut self.r_new[c * k..(c + 1) * k];
+            match r_new.col(c).try_as_col_major() {
+                Some(col) => {
+                    for (dst, &v) in news.iter_mut().zip(col.as_slice()) {
+                        dst[lane] = v;
+                    }
+                }
+                None => {
+                    for (r, dst) in news.iter_mut().enumerate() {
+                        dst[lane] = r_new[(r, c)];
+                    }
+                }
+            }
+            let olds = &mut self.r_old[c * k..(c + 1) * k];
+            match r_old.map(|m| (m, m.col(c).try_as_col_major())) {
+                Some((_, Some(col))) => {
+                    for (dst, &v) in olds.iter_mut().zip(col.as_slice()) {
+                        dst[lane] = decay * v;
+                    }
+                }
+                Some((m, None)) => {
+                    for (r, dst) in olds.iter_mut().enumerate() {
+                        dst[lane] = decay * m[(r, c)];
+                    }
+                }
+                None => olds.iter_mut().for_each(|dst| dst[lane] = T::zero()),
             }
         }
         for (j, v) in e.into_iter().take(self.kr).enumerate() {

@@ -30,6 +30,7 @@ use faer::diag::Diag;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::evd::{self, ComputeEigenvectors};
 use faer::linalg::matmul::matmul;
+use faer::reborrow::ReborrowMut;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use std::any::TypeId;
 
@@ -79,9 +80,13 @@ fn is_f64<T: Scalar>() -> bool {
     TypeId::of::<T>() == TypeId::of::<f64>()
 }
 
-/// Every entry of `a` is finite.
+/// Every entry of `a` is finite. A contiguous column is read whole (no early exit inside it),
+/// so the test vectorizes.
 pub fn all_finite<T: Scalar>(a: MatRef<'_, T>) -> bool {
-    a.col_iter().all(|col| col.iter().all(|v| v.is_finite()))
+    a.col_iter().all(|col| match col.try_as_col_major() {
+        Some(col) => col.as_slice().iter().fold(true, |ok, v| ok & v.is_finite()),
+        None => col.iter().all(|v| v.is_finite()),
+    })
 }
 
 /// Every entry of the lower triangle of the square `a` is finite (all that the symmetric
@@ -371,6 +376,41 @@ pub fn symmetrize<T: Scalar>(mut a: MatMut<'_, T>) {
             let v = (a[(i, j)] + a[(j, i)]) * half;
             a[(i, j)] = v;
             a[(j, i)] = v;
+        }
+    }
+}
+
+/// [`symmetrize`] of the n×n matrix held column-major in `a`: the same arithmetic, without
+/// faer's per-element indexing (the per-block pass's hot loop).
+pub fn symmetrize_col_major<T: Scalar>(a: &mut [T], n: usize) {
+    let half = T::of(0.5);
+    for j in 0..n {
+        for i in (j + 1)..n {
+            let v = (a[j * n + i] + a[i * n + j]) * half;
+            a[j * n + i] = v;
+            a[i * n + j] = v;
+        }
+    }
+}
+
+/// [`lower_finite`] of the n×n matrix held column-major in `a`; every element is read (no early
+/// exit), so the test vectorizes.
+pub fn lower_finite_col_major<T: Scalar>(a: &[T], n: usize) -> bool {
+    (0..n).all(|j| {
+        a[j * n + j..(j + 1) * n]
+            .iter()
+            .fold(true, |ok, v| ok & v.is_finite())
+    })
+}
+
+/// `dst ← src` column by column: slice copies where both columns are contiguous, else
+/// element by element.
+pub fn copy_columns<T: Scalar>(mut dst: MatMut<'_, T>, src: MatRef<'_, T>) {
+    for j in 0..src.ncols() {
+        let (mut d, s) = (dst.rb_mut().col_mut(j), src.col(j));
+        match (d.rb_mut().try_as_col_major_mut(), s.try_as_col_major()) {
+            (Some(d), Some(s)) => d.as_slice_mut().copy_from_slice(s.as_slice()),
+            _ => d.copy_from(s),
         }
     }
 }

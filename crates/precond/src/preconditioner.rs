@@ -110,7 +110,7 @@ pub fn check_shapes(
 /// A gradient holding NaN or ∞ is refused before any state changes (`step` is the 1-based step
 /// it would have been).
 pub fn check_finite<T: Scalar>(grad: MatRef<'_, T>, step: u64) -> Result<()> {
-    if !grad.col_iter().all(|col| col.iter().all(|v| v.is_finite())) {
+    if !crate::linalg::all_finite(grad) {
         return Err(PrecondError::NonFiniteGradient { step, param: None });
     }
     Ok(())

@@ -61,8 +61,8 @@ use crate::batched_eigen::{BlockEigensolver, EigenPack, Isa, LANES};
 use crate::batched_power::{LaneNorm, ResidualPack};
 use crate::error::{invalid, Result};
 use crate::linalg::{
-    blocks_per_task, gemm, lower_finite, par_layer, symmetrize, thin_q, thin_svd_left, KernelError,
-    SymEig,
+    all_finite, blocks_per_task, copy_columns, gemm, lower_finite_col_major, par_layer, symmetrize,
+    symmetrize_col_major, thin_q, thin_svd_left, KernelError, SymEig,
 };
 use crate::preconditioner::{check_finite, check_shapes, check_view, LinalgHealth, Preconditioner};
 use crate::scalar::Scalar;
@@ -445,9 +445,8 @@ struct BlockScratch<T: Scalar> {
     v: Vec<T>,
     w: Vec<T>,
     exact: Option<(Mat<T>, SymEig<T>)>,
-    /// The batched path's pack, its blocks' R̃_i and c_i.
+    /// The batched path's pack and one block's c_i.
     pack: Option<EigenPack<T>>,
-    tildes: Vec<Mat<T>>,
     coefs: Vec<T>,
     /// The batched path's step 5 for [`RhoMode::PowerIteration`], the layer's lift loaded.
     residual: Option<ResidualPack<T>>,
@@ -846,7 +845,6 @@ impl<T: Scalar> BlockScratch<T> {
             w: vec![T::zero(); k],
             exact: exact.then(|| (Mat::zeros(n, n), SymEig::new(n))),
             pack: None,
-            tildes: Vec::new(),
             coefs: Vec::new(),
             residual: None,
         }
@@ -856,8 +854,86 @@ impl<T: Scalar> BlockScratch<T> {
     fn for_packs(&mut self, k: usize) {
         if self.pack.as_ref().map(|p| p.dim()) != Some(k) {
             self.pack = Some(EigenPack::new(k));
-            self.tildes = (0..LANES).map(|_| Mat::zeros(k, k)).collect();
             self.coefs = vec![T::zero(); k];
+        }
+    }
+}
+
+/// `out[j] = Σ_r a[r, j]²`, each sum in row order (as a sequential fold), eight columns at a
+/// time so that the sums' dependency chains overlap.
+fn column_sq_sums<T: Scalar>(a: MatRef<'_, T>, out: &mut [T]) {
+    const GROUP: usize = 8;
+    let (rows, cols) = (a.nrows(), a.ncols());
+    let mut j = 0;
+    while j < cols {
+        let n = GROUP.min(cols - j);
+        let slices: Option<Vec<&[T]>> = (j..j + n)
+            .map(|c| a.col(c).try_as_col_major().map(|c| c.as_slice()))
+            .collect();
+        match slices {
+            Some(slices) if n == GROUP => {
+                let mut acc = [T::zero(); GROUP];
+                for r in 0..rows {
+                    for (s, col) in acc.iter_mut().zip(&slices) {
+                        *s = *s + col[r] * col[r];
+                    }
+                }
+                out[j..j + GROUP].copy_from_slice(&acc);
+            }
+            _ => {
+                for c in j..j + n {
+                    out[c] = a.col(c).iter().fold(T::zero(), |acc, &v| acc + v * v);
+                }
+            }
+        }
+        j += n;
+    }
+}
+
+/// Each k×k block of `src` (k × m·k) transposed into the same block of `dst`.
+fn transpose_blocks<T: Scalar>(mut dst: MatMut<'_, T>, src: MatRef<'_, T>, k: usize) {
+    let blocks = src.ncols() / k;
+    let mut columns: Vec<&[T]> = Vec::with_capacity(k);
+    for i in 0..blocks {
+        columns.clear();
+        columns.extend((0..k).filter_map(|c| {
+            src.col(i * k + c)
+                .try_as_col_major()
+                .map(|col| col.as_slice())
+        }));
+        for c in 0..k {
+            let mut d = dst.rb_mut().col_mut(i * k + c);
+            match d.rb_mut().try_as_col_major_mut() {
+                Some(d) if columns.len() == k => {
+                    for (v, col) in d.as_slice_mut().iter_mut().zip(&columns) {
+                        *v = col[c];
+                    }
+                }
+                _ => {
+                    for r in 0..k {
+                        d[r] = src[(c, i * k + r)];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[:, j] −= scales[j] · src[:, j]`, on slices where both columns are contiguous.
+fn subtract_scaled_columns<T: Scalar>(mut dst: MatMut<'_, T>, src: MatRef<'_, T>, scales: &[T]) {
+    for (j, &s) in scales.iter().enumerate().take(src.ncols()) {
+        let (mut d, g) = (dst.rb_mut().col_mut(j), src.col(j));
+        match (d.rb_mut().try_as_col_major_mut(), g.try_as_col_major()) {
+            (Some(d), Some(g)) => {
+                for (v, &x) in d.as_slice_mut().iter_mut().zip(g.as_slice()) {
+                    *v -= s * x;
+                }
+            }
+            _ => {
+                for (r, v) in d.iter_mut().enumerate() {
+                    *v -= s * g[r];
+                }
+            }
         }
     }
 }
@@ -1118,15 +1194,15 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         Ok(norm)
     }
 
-    /// Step 3 for block `i`: R̃_i = β2 Q R_i Qᵀ + γ c_i c_iᵀ into `tilde` (symmetric), using
-    /// `tmp` as scratch.
-    fn form_tilde(&self, i: usize, tmp: &mut Mat<T>, tilde: &mut Mat<T>) {
+    /// Step 3 for block `i`: R̃_i = β2 Q R_i Qᵀ + γ c_i c_iᵀ into `tilde` (not yet
+    /// symmetrized: the caller does that), using `tmp` as scratch.
+    fn form_tilde(&self, i: usize, tmp: &mut Mat<T>, mut tilde: MatMut<'_, T>) {
         let k = self.k;
         let kk = k * k;
         let r_old = MatRef::from_column_major_slice(&self.old_coeffs[i * kk..(i + 1) * kk], k, k);
         let c = self.coef_new.col(i);
         if let Some(rotated) = self.rotated.filter(|_| self.has_basis) {
-            tilde.copy_from(rotated.submatrix(0, i * k, k, k));
+            copy_columns(tilde.rb_mut(), rotated.submatrix(0, i * k, k, k));
         } else if self.has_basis {
             gemm(
                 tmp.as_mut(),
@@ -1137,7 +1213,7 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
                 Par::Seq,
             );
             gemm(
-                tilde.as_mut(),
+                tilde.rb_mut(),
                 false,
                 tmp.as_ref(),
                 self.overlap.transpose(),
@@ -1149,15 +1225,7 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         }
         let gamma = self.grad_scale * self.grad_scale;
         let c_mat = c.as_mat();
-        gemm(
-            tilde.as_mut(),
-            true,
-            c_mat,
-            c_mat.transpose(),
-            gamma,
-            Par::Seq,
-        );
-        symmetrize(tilde.as_mut());
+        gemm(tilde, true, c_mat, c_mat.transpose(), gamma, Par::Seq);
     }
 
     /// Steps 3–6 for block `i` with faer's eigendecomposition: writes R_i, ρ_i and the
@@ -1175,7 +1243,8 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         let kk = k * k;
         let r_old = MatRef::from_column_major_slice(&self.old_coeffs[i * kk..(i + 1) * kk], k, k);
         let c_mat = self.coef_new.col(i).as_mat();
-        self.form_tilde(i, &mut sc.tmp, &mut sc.tilde);
+        self.form_tilde(i, &mut sc.tmp, sc.tilde.as_mut());
+        symmetrize(sc.tilde.as_mut());
         // Step 4: R_i = R̃_i − λ_min I = V diag(λ − λ_min) Vᵀ.
         match sc.eig.decompose(sc.tilde.as_ref()) {
             Ok(()) => {}
@@ -1279,7 +1348,6 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
         let Some(mut pack) = sc.pack.take() else {
             return BlockOutcome::KernelFailed;
         };
-        let mut tildes = std::mem::take(&mut sc.tildes);
         let mut worst = BlockOutcome::Done;
         let mut loaded = [false; LANES];
         for lane in 0..LANES {
@@ -1288,9 +1356,15 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
                 continue;
             }
             let i = first + lane;
-            let tilde = &mut tildes[lane];
-            self.form_tilde(i, &mut sc.tmp, tilde);
-            if !lower_finite(tilde.as_ref()) {
+            // R̃_i is formed in R_i's slot: step 4 below only shifts its diagonal.
+            let tilde = &mut coeffs[lane * kk..(lane + 1) * kk];
+            self.form_tilde(
+                i,
+                &mut sc.tmp,
+                MatMut::from_column_major_slice_mut(tilde, k, k),
+            );
+            symmetrize_col_major(tilde, k);
+            if !lower_finite_col_major(tilde, k) {
                 pack.clear(lane);
                 worst = worst.max(BlockOutcome::Overflow);
                 continue;
@@ -1298,8 +1372,7 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
             for (dst, &v) in sc.coefs.iter_mut().zip(self.coef_new.col(i).iter()) {
                 *dst = v;
             }
-            let tilde = &tildes[lane];
-            pack.load(lane, |r, c| tilde[(r, c)], &sc.coefs);
+            pack.load_col_major(lane, tilde, &sc.coefs);
             loaded[lane] = true;
         }
         let solved = pack.solve(Isa::Detect);
@@ -1324,7 +1397,6 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
             let lambda_min = (0..k)
                 .map(|j| pack.eigenvalue(lane, j))
                 .fold(T::infinity(), |a, b| a.min(b));
-            r_new.copy_from(tildes[lane].as_ref());
             for j in 0..k {
                 r_new[(j, j)] -= lambda_min;
             }
@@ -1366,7 +1438,6 @@ impl<'a, T: Scalar> BlockInputs<'a, T> {
             }
         }
         sc.pack = Some(pack);
-        sc.tildes = tildes;
         worst
     }
 
@@ -1452,10 +1523,7 @@ impl<T: Scalar> SharedBasis<T> {
                     .col_iter_mut()
                     .for_each(|col| col.iter_mut().for_each(|v| *v *= grad_scale));
             }
-            for i in 0..m {
-                let col = w.pg.col(m + i);
-                w.sq_norms[i] = col.iter().fold(T::zero(), |acc, &v| acc + v * v);
-            }
+            column_sq_sums(w.pg.as_ref().submatrix(0, m, b, m), &mut w.sq_norms);
             w.ay_exponent = ay_exponent(&w.sq_norms, &self.coeffs, k, decay);
             let basis = MatRef::from_column_major_slice(&self.basis, b, k);
             if has_basis {
@@ -1569,14 +1637,7 @@ impl<T: Scalar> SharedBasis<T> {
                 decay,
                 par_layer(),
             );
-            let rotated = w.rotated.as_ref();
-            for i in 0..m {
-                let src = rotated.submatrix(0, i * k, k, k);
-                w.flipped
-                    .as_mut()
-                    .submatrix_mut(0, i * k, k, k)
-                    .copy_from(src.transpose());
-            }
+            transpose_blocks(w.flipped.as_mut(), w.rotated.as_ref(), k);
             gemm(
                 w.rotated.as_mut(),
                 false,
@@ -1624,9 +1685,8 @@ impl<T: Scalar> SharedBasis<T> {
                 -T::one(),
                 par_layer(),
             );
-            for (i, col) in rest.col_iter().enumerate() {
-                w.outside[i] = col.iter().fold(T::zero(), |acc, &v| acc + v * v).sqrt();
-            }
+            column_sq_sums(rest.rb(), &mut w.outside);
+            w.outside.iter_mut().for_each(|v| *v = v.sqrt());
         }
 
         // Steps 3–6 per block, in parallel over chunks of blocks.
@@ -1740,19 +1800,9 @@ impl<T: Scalar> SharedBasis<T> {
             -T::one(),
             par_layer(),
         );
-        for (i, col) in direction.rb_mut().col_iter_mut().enumerate() {
-            let s = w.iso_scale[i];
-            let g = grad.col(i);
-            for (r, v) in col.iter_mut().enumerate() {
-                *v -= s * g[r];
-            }
-        }
+        subtract_scaled_columns(direction.rb_mut(), grad, &w.iso_scale);
         // A non-finite direction from a finite state is refused before anything is committed.
-        if !direction
-            .rb()
-            .col_iter()
-            .all(|col| col.iter().all(|v| v.is_finite()))
-        {
+        if !all_finite(direction.rb()) {
             return Err(StepFault::Refuse("direction"));
         }
 
@@ -1845,18 +1895,8 @@ impl<T: Scalar> SharedBasis<T> {
         } else {
             direction.fill(T::zero());
         }
-        for (i, col) in direction.rb_mut().col_iter_mut().enumerate() {
-            let s = w.iso_scale[i];
-            let g = grad.col(i);
-            for (r, v) in col.iter_mut().enumerate() {
-                *v -= s * g[r];
-            }
-        }
-        if !direction
-            .rb()
-            .col_iter()
-            .all(|col| col.iter().all(|v| v.is_finite()))
-        {
+        subtract_scaled_columns(direction.rb_mut(), grad, &w.iso_scale);
+        if !all_finite(direction.rb()) {
             return Err(StepFault::Refuse("kept-state direction"));
         }
         Ok(())
