@@ -875,14 +875,14 @@ fn column_sq_sums<T: Scalar>(a: MatRef<'_, T>, out: &mut [T]) {
                 let mut acc = [T::zero(); GROUP];
                 for r in 0..rows {
                     for (s, col) in acc.iter_mut().zip(&slices) {
-                        *s = *s + col[r] * col[r];
+                        *s += col[r] * col[r];
                     }
                 }
                 out[j..j + GROUP].copy_from_slice(&acc);
             }
             _ => {
-                for c in j..j + n {
-                    out[c] = a.col(c).iter().fold(T::zero(), |acc, &v| acc + v * v);
+                for (c, o) in out[j..j + n].iter_mut().enumerate() {
+                    *o = a.col(j + c).iter().fold(T::zero(), |acc, &v| acc + v * v);
                 }
             }
         }
