@@ -138,7 +138,38 @@ impl ParamView {
     pub fn gather<T: Scalar>(&self, flat: &[T], mut out: MatMut<'_, T>) -> Result<()> {
         self.check(flat.len(), out.nrows(), out.ncols())?;
         let (outer, m, inner) = self.layout()?;
-        if let Some(mut cm) = out.as_mut().try_as_col_major_mut() {
+        if inner == 1 {
+            // A transpose (e.g. a [d_in, d_out] weight, blocks along axis 1): tiles of
+            // `TILE` columns, each source row read once per tile.
+            if let Some(cm) = out.as_mut().try_as_col_major_mut() {
+                let mut cols: Vec<&mut [T]> = cm
+                    .col_iter_mut()
+                    .map(|c| c.try_as_col_major_mut().map(|c| c.as_slice_mut()))
+                    .collect::<Option<_>>()
+                    .unwrap_or_default();
+                if cols.len() == m {
+                    for j0 in (0..m).step_by(TILE) {
+                        let tile = &mut cols[j0..(j0 + TILE).min(m)];
+                        for o in 0..outer {
+                            let row = &flat[o * m + j0..o * m + j0 + tile.len()];
+                            for (col, &v) in tile.iter_mut().zip(row) {
+                                col[o] = v;
+                            }
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+            for j0 in (0..m).step_by(TILE) {
+                let width = TILE.min(m - j0);
+                for o in 0..outer {
+                    let row = &flat[o * m + j0..o * m + j0 + width];
+                    for (jj, &v) in row.iter().enumerate() {
+                        out[(o, j0 + jj)] = v;
+                    }
+                }
+            }
+        } else if let Some(mut cm) = out.as_mut().try_as_col_major_mut() {
             for j in 0..m {
                 let col = cm.as_mut().col_mut(j).as_slice_mut();
                 for o in 0..outer {
@@ -164,7 +195,36 @@ impl ParamView {
     pub fn scatter<T: Scalar>(&self, mat: MatRef<'_, T>, flat: &mut [T]) -> Result<()> {
         self.check(flat.len(), mat.nrows(), mat.ncols())?;
         let (outer, m, inner) = self.layout()?;
-        if let Some(cm) = mat.try_as_col_major() {
+        if inner == 1 {
+            if let Some(cm) = mat.try_as_col_major() {
+                let cols: Vec<&[T]> = cm
+                    .col_iter()
+                    .map(|c| c.try_as_col_major().map(|c| c.as_slice()))
+                    .collect::<Option<_>>()
+                    .unwrap_or_default();
+                if cols.len() == m {
+                    for j0 in (0..m).step_by(TILE) {
+                        let tile = &cols[j0..(j0 + TILE).min(m)];
+                        for o in 0..outer {
+                            let row = &mut flat[o * m + j0..o * m + j0 + tile.len()];
+                            for (v, col) in row.iter_mut().zip(tile) {
+                                *v = col[o];
+                            }
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+            for j0 in (0..m).step_by(TILE) {
+                let width = TILE.min(m - j0);
+                for o in 0..outer {
+                    let row = &mut flat[o * m + j0..o * m + j0 + width];
+                    for (jj, v) in row.iter_mut().enumerate() {
+                        *v = mat[(o, j0 + jj)];
+                    }
+                }
+            }
+        } else if let Some(cm) = mat.try_as_col_major() {
             for j in 0..m {
                 let col = cm.col(j).as_slice();
                 for o in 0..outer {
@@ -185,6 +245,9 @@ impl ParamView {
         Ok(())
     }
 }
+
+/// Columns per tile of the transposing gather and scatter.
+const TILE: usize = 16;
 
 #[cfg(test)]
 mod tests {
@@ -246,6 +309,9 @@ mod tests {
         check_shape(&[3, 5], Some(0));
         check_shape(&[3, 5], Some(1));
         check_shape(&[1, 4], None);
+        // More blocks than a tile of the transposing path, and a partial last tile.
+        check_shape(&[5, 37], None);
+        check_shape(&[37, 5], Some(0));
     }
 
     #[test]
