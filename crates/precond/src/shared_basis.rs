@@ -1915,7 +1915,11 @@ impl<T: Scalar> Preconditioner<T> for SharedBasis<T> {
         let t = self.step + 1;
         check_finite(grad, t)?;
         self.ensure_workspace();
-        match self.try_step(grad, direction.rb_mut()) {
+        // On one of rayon's workers (the calling thread waits, asleep): called from outside the
+        // pool, the serial parts would run on an extra thread that the idle workers' spinning
+        // competes with for the cores (measured: no gain from two threads on a 2-core machine).
+        let outcome = rayon::scope(|_| self.try_step(grad, direction.rb_mut()));
+        match outcome {
             Ok(()) => {
                 // Commit.
                 let w = &mut self.work;
