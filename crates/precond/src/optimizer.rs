@@ -619,6 +619,12 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
     /// itself, and has moved on otherwise. [`OptimizerConfig::gives_up`] tells whether the
     /// error reaches the limit. An applied step resets `refused_in_row`.
     pub fn step(&mut self, param: &mut [f32], grad: &[f32], lr: f32) -> Result<StepOutcome> {
+        // On one of rayon's workers, the caller asleep, so that the serial parts do not compete
+        // with idle workers for the cores (see `SharedBasis::precondition`).
+        rayon::scope(|_| self.step_on_worker(param, grad, lr))
+    }
+
+    fn step_on_worker(&mut self, param: &mut [f32], grad: &[f32], lr: f32) -> Result<StepOutcome> {
         let n = self.view.numel();
         if param.len() != n || grad.len() != n {
             return Err(PrecondError::ShapeMismatch {
