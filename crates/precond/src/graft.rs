@@ -7,6 +7,8 @@
 //! directions, minus sign included: the parameter moves as θ ← θ + lr·r.
 
 use crate::error::{invalid, PrecondError, Result};
+use crate::linalg::PAR_CHUNK;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Which diagonal method supplies the step norm (and the direction when not preconditioning).
@@ -108,9 +110,8 @@ pub fn norm(x: &[f32]) -> f64 {
 /// NOTES §4 step 2: d ← d · ‖r‖ / (‖d‖ + 1e-16) (distributed_shampoo's grafting rescale).
 pub fn rescale_to_norm(d: &mut [f32], r: &[f32]) {
     let scale = (norm(r) / (norm(d) + 1e-16)) as f32;
-    for x in d.iter_mut() {
-        *x *= scale;
-    }
+    d.par_chunks_mut(PAR_CHUNK)
+        .for_each(|d| d.iter_mut().for_each(|x| *x *= scale));
 }
 
 /// Per-element grafting state of one parameter (flat, in the tensor's own layout).
@@ -217,11 +218,16 @@ impl GraftState {
                 } else {
                     1.0
                 };
-                for ((o, &g), v) in out.iter_mut().zip(grad).zip(self.v.iter_mut()) {
-                    let s = g * inv;
-                    *v = w1 * *v + w2 * s * s;
-                    *o = ratio(-s, v.sqrt() + eps);
-                }
+                out.par_chunks_mut(PAR_CHUNK)
+                    .zip(grad.par_chunks(PAR_CHUNK))
+                    .zip(self.v.par_chunks_mut(PAR_CHUNK))
+                    .for_each(|((out, grad), v)| {
+                        for ((o, &g), v) in out.iter_mut().zip(grad).zip(v.iter_mut()) {
+                            let s = g * inv;
+                            *v = w1 * *v + w2 * s * s;
+                            *o = ratio(-s, v.sqrt() + eps);
+                        }
+                    });
             }
             GraftKind::Adam => {
                 let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);

@@ -39,6 +39,18 @@ pub fn par_layer() -> Par {
     Par::rayon(0)
 }
 
+/// Elements per parallel task of the elementwise passes over a parameter (grafting, momentum,
+/// weight decay, finiteness checks): a parameter below it is one task.
+pub const PAR_CHUNK: usize = 1 << 15;
+
+/// Every element of `x` is finite, tested in parallel chunks of [`PAR_CHUNK`] (each read whole,
+/// so the test vectorizes).
+pub fn par_all_finite(x: &[f32]) -> bool {
+    use rayon::prelude::*;
+    x.par_chunks(PAR_CHUNK)
+        .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
+}
+
 /// Blocks per parallel task when `blocks` independent per-block problems are split over the
 /// rayon pool: about four tasks per thread (so a slow task is balanced by stealing), at least 8
 /// blocks each (so the per-task scratch is amortized).

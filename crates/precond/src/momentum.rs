@@ -6,6 +6,8 @@
 //! distributed_shampoo's default (`moving_average_for_momentum = False`).
 
 use crate::error::{invalid, PrecondError, Result};
+use crate::linalg::PAR_CHUNK;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Momentum hyperparameters. Defaults are distributed_shampoo's: β1 = 0.9, Nesterov on.
@@ -90,17 +92,20 @@ impl MomentumState {
             ));
         }
         let b1 = self.config.beta1 as f32;
-        if self.config.nesterov {
-            for (u, m) in update.iter_mut().zip(self.buf.iter_mut()) {
-                *m = b1 * *m + *u;
-                *u += b1 * *m;
-            }
-        } else {
-            for (u, m) in update.iter_mut().zip(self.buf.iter_mut()) {
-                *m = b1 * *m + *u;
-                *u = *m;
-            }
-        }
+        let nesterov = self.config.nesterov;
+        update
+            .par_chunks_mut(PAR_CHUNK)
+            .zip(self.buf.par_chunks_mut(PAR_CHUNK))
+            .for_each(|(update, buf)| {
+                for (u, m) in update.iter_mut().zip(buf.iter_mut()) {
+                    *m = b1 * *m + *u;
+                    if nesterov {
+                        *u += b1 * *m;
+                    } else {
+                        *u = *m;
+                    }
+                }
+            });
         Ok(())
     }
 }

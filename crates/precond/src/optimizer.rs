@@ -83,6 +83,7 @@ use crate::diagonal::{Diagonal, DiagonalConfig};
 use crate::error::{invalid, PrecondError, Result};
 use crate::full_matrix::{FullMatrix, FullMatrixConfig};
 use crate::graft::{GraftConfig, GraftKind, GraftState};
+use crate::linalg::par_all_finite;
 use crate::momentum::{MomentumConfig, MomentumState};
 use crate::preconditioner::{LinalgHealth, Preconditioner};
 use crate::shampoo::{Shampoo, ShampooConfig};
@@ -636,7 +637,7 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
             return Err(invalid("lr", lr, "must be finite"));
         }
         let t = self.step + 1;
-        if grad.iter().any(|g| !g.is_finite()) {
+        if !par_all_finite(grad) {
             return match self.config.nonfinite {
                 NonFinitePolicy::Error => Err(PrecondError::NonFiniteGradient {
                     step: t,
@@ -707,7 +708,7 @@ impl<P: Preconditioner<f32>> ParamOptimizer<P> {
                     });
                 }
                 view.scatter(MatRef::from_column_major_slice(work_b, b, m), work_a)?;
-                if work_a.iter().any(|x| !x.is_finite()) {
+                if !par_all_finite(work_a) {
                     // A step whose kernel failed is counted by the preconditioner; any other
                     // refused step by this run.
                     if !failed_now {

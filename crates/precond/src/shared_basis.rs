@@ -862,6 +862,29 @@ impl<T: Scalar> BlockScratch<T> {
 /// `out[j] = Σ_r a[r, j]²`, each sum in row order (as a sequential fold), eight columns at a
 /// time so that the sums' dependency chains overlap.
 fn column_sq_sums<T: Scalar>(a: MatRef<'_, T>, out: &mut [T]) {
+    out.par_chunks_mut(PAR_COLUMNS)
+        .enumerate()
+        .for_each(|(t, out)| column_sq_sums_serial(a.subcols(t * PAR_COLUMNS, out.len()), out));
+}
+
+/// `dst ← scale·src` (a plain copy for scale 1), in parallel tasks of columns.
+fn par_scaled_copy<T: Scalar>(dst: MatMut<'_, T>, src: MatRef<'_, T>, scale: T) {
+    dst.par_col_chunks_mut(PAR_COLUMNS)
+        .enumerate()
+        .for_each(|(t, mut d)| {
+            let cols = d.ncols();
+            copy_columns(d.rb_mut(), src.subcols(t * PAR_COLUMNS, cols));
+            if scale != T::one() {
+                d.col_iter_mut()
+                    .for_each(|col| col.iter_mut().for_each(|v| *v *= scale));
+            }
+        });
+}
+
+/// Columns per parallel task of the column passes below.
+const PAR_COLUMNS: usize = 64;
+
+fn column_sq_sums_serial<T: Scalar>(a: MatRef<'_, T>, out: &mut [T]) {
     const GROUP: usize = 8;
     let (rows, cols) = (a.nrows(), a.ncols());
     let mut j = 0;
@@ -891,7 +914,20 @@ fn column_sq_sums<T: Scalar>(a: MatRef<'_, T>, out: &mut [T]) {
 }
 
 /// Each k×k block of `src` (k × m·k) transposed into the same block of `dst`.
-fn transpose_blocks<T: Scalar>(mut dst: MatMut<'_, T>, src: MatRef<'_, T>, k: usize) {
+fn transpose_blocks<T: Scalar>(dst: MatMut<'_, T>, src: MatRef<'_, T>, k: usize) {
+    if k == 0 {
+        return;
+    }
+    let width = k * PAR_COLUMNS.div_ceil(k);
+    dst.par_col_chunks_mut(width)
+        .enumerate()
+        .for_each(|(t, d)| {
+            let cols = d.ncols();
+            transpose_blocks_serial(d, src.subcols(t * width, cols), k)
+        });
+}
+
+fn transpose_blocks_serial<T: Scalar>(mut dst: MatMut<'_, T>, src: MatRef<'_, T>, k: usize) {
     let blocks = src.ncols() / k;
     let mut columns: Vec<&[T]> = Vec::with_capacity(k);
     for i in 0..blocks {
@@ -920,7 +956,22 @@ fn transpose_blocks<T: Scalar>(mut dst: MatMut<'_, T>, src: MatRef<'_, T>, k: us
 }
 
 /// `dst[:, j] −= scales[j] · src[:, j]`, on slices where both columns are contiguous.
-fn subtract_scaled_columns<T: Scalar>(mut dst: MatMut<'_, T>, src: MatRef<'_, T>, scales: &[T]) {
+fn subtract_scaled_columns<T: Scalar>(dst: MatMut<'_, T>, src: MatRef<'_, T>, scales: &[T]) {
+    let cols = dst.ncols().min(src.ncols()).min(scales.len());
+    dst.subcols_mut(0, cols)
+        .par_col_chunks_mut(PAR_COLUMNS)
+        .zip(scales[..cols].par_chunks(PAR_COLUMNS))
+        .enumerate()
+        .for_each(|(t, (d, s))| {
+            subtract_scaled_columns_serial(d, src.subcols(t * PAR_COLUMNS, s.len()), s)
+        });
+}
+
+fn subtract_scaled_columns_serial<T: Scalar>(
+    mut dst: MatMut<'_, T>,
+    src: MatRef<'_, T>,
+    scales: &[T],
+) {
     for (j, &s) in scales.iter().enumerate().take(src.ncols()) {
         let (mut d, g) = (dst.rb_mut().col_mut(j), src.col(j));
         match (d.rb_mut().try_as_col_major_mut(), g.try_as_col_major()) {
@@ -1517,12 +1568,7 @@ impl<T: Scalar> SharedBasis<T> {
         {
             let w = &mut self.work;
             let mut gs = w.pg.as_mut().submatrix_mut(0, m, b, m);
-            gs.copy_from(grad);
-            if grad_scale != T::one() {
-                gs.rb_mut()
-                    .col_iter_mut()
-                    .for_each(|col| col.iter_mut().for_each(|v| *v *= grad_scale));
-            }
+            par_scaled_copy(gs.rb_mut(), grad, grad_scale);
             column_sq_sums(w.pg.as_ref().submatrix(0, m, b, m), &mut w.sq_norms);
             w.ay_exponent = ay_exponent(&w.sq_norms, &self.coeffs, k, decay);
             let basis = MatRef::from_column_major_slice(&self.basis, b, k);
@@ -1570,15 +1616,7 @@ impl<T: Scalar> SharedBasis<T> {
                 // |R| ≳ 1e19.
                 let stacked = MatRef::from_column_major_slice(&self.coeffs, k, m * k);
                 let to_unit = pow2::<T>(-2 * e);
-                w.scaled_coeffs
-                    .as_mut()
-                    .col_iter_mut()
-                    .zip(stacked.col_iter())
-                    .for_each(|(dst, src)| {
-                        dst.iter_mut()
-                            .zip(src.iter())
-                            .for_each(|(d, &v)| *d = v * to_unit)
-                    });
+                par_scaled_copy(w.scaled_coeffs.as_mut(), stacked, to_unit);
                 gemm(
                     w.s.as_mut(),
                     false,
@@ -1676,7 +1714,7 @@ impl<T: Scalar> SharedBasis<T> {
                 par_layer(),
             );
             let (mut rest, gs) = w.pg.as_mut().split_at_col_mut(m);
-            rest.copy_from(gs.rb());
+            par_scaled_copy(rest.rb_mut(), gs.rb(), T::one());
             gemm(
                 rest.rb_mut(),
                 true,

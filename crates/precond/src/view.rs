@@ -13,6 +13,7 @@
 use crate::error::{invalid, PrecondError, Result};
 use crate::scalar::Scalar;
 use faer::{MatMut, MatRef};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// The (b, m) view of one parameter tensor. Build it with [`ParamView::new`].
@@ -148,15 +149,15 @@ impl ParamView {
                     .collect::<Option<_>>()
                     .unwrap_or_default();
                 if cols.len() == m {
-                    for j0 in (0..m).step_by(TILE) {
-                        let tile = &mut cols[j0..(j0 + TILE).min(m)];
+                    cols.par_chunks_mut(TILE).enumerate().for_each(|(t, tile)| {
+                        let j0 = t * TILE;
                         for o in 0..outer {
                             let row = &flat[o * m + j0..o * m + j0 + tile.len()];
                             for (col, &v) in tile.iter_mut().zip(row) {
                                 col[o] = v;
                             }
                         }
-                    }
+                    });
                     return Ok(());
                 }
             }
@@ -202,16 +203,21 @@ impl ParamView {
                     .map(|c| c.try_as_col_major().map(|c| c.as_slice()))
                     .collect::<Option<_>>()
                     .unwrap_or_default();
-                if cols.len() == m {
-                    for j0 in (0..m).step_by(TILE) {
-                        let tile = &cols[j0..(j0 + TILE).min(m)];
-                        for o in 0..outer {
-                            let row = &mut flat[o * m + j0..o * m + j0 + tile.len()];
-                            for (v, col) in row.iter_mut().zip(tile) {
-                                *v = col[o];
+                if cols.len() == m && m > 0 {
+                    // Tasks of `ROWS` rows of the tensor, each written by tiles of columns.
+                    flat.par_chunks_mut(m * ROWS)
+                        .enumerate()
+                        .for_each(|(t, rows)| {
+                            for j0 in (0..m).step_by(TILE) {
+                                let tile = &cols[j0..(j0 + TILE).min(m)];
+                                for (dr, row) in rows.chunks_mut(m).enumerate() {
+                                    let o = t * ROWS + dr;
+                                    for (v, col) in row[j0..j0 + tile.len()].iter_mut().zip(tile) {
+                                        *v = col[o];
+                                    }
+                                }
                             }
-                        }
-                    }
+                        });
                     return Ok(());
                 }
             }
@@ -248,6 +254,8 @@ impl ParamView {
 
 /// Columns per tile of the transposing gather and scatter.
 const TILE: usize = 16;
+/// Rows of the tensor per parallel task of the transposing scatter.
+const ROWS: usize = 64;
 
 #[cfg(test)]
 mod tests {

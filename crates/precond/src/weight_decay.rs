@@ -5,6 +5,8 @@
 //! is later *subtracted*) therefore reads here as u ← u − rate·θ.
 
 use crate::error::{invalid, Result};
+use crate::linalg::PAR_CHUNK;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Where weight decay enters the step.
@@ -58,13 +60,23 @@ impl WeightDecayConfig {
     pub fn apply_step(&self, param: &mut [f32], update: &[f32], lr: f32) {
         if self.mode == WeightDecayMode::Decoupled && self.rate != 0.0 {
             let keep = 1.0 - lr * self.rate as f32;
-            for (p, &u) in param.iter_mut().zip(update) {
-                *p = keep * *p + lr * u;
-            }
+            param
+                .par_chunks_mut(PAR_CHUNK)
+                .zip(update.par_chunks(PAR_CHUNK))
+                .for_each(|(param, update)| {
+                    for (p, &u) in param.iter_mut().zip(update) {
+                        *p = keep * *p + lr * u;
+                    }
+                });
         } else {
-            for (p, &u) in param.iter_mut().zip(update) {
-                *p += lr * u;
-            }
+            param
+                .par_chunks_mut(PAR_CHUNK)
+                .zip(update.par_chunks(PAR_CHUNK))
+                .for_each(|(param, update)| {
+                    for (p, &u) in param.iter_mut().zip(update) {
+                        *p += lr * u;
+                    }
+                });
         }
     }
 }
