@@ -276,9 +276,16 @@ impl OptimizerHparams {
 
     /// The tagger preset of `name`: the same defaults with the peak learning rate of
     /// [`default_tagger_lr`] (the autoencoder's searched momentum and ε are not carried over:
-    /// the tagger's own search kept β1 0.9 and ε 1e-6).
+    /// the tagger's own searches kept the presets), and SOAP's largest rotated side
+    /// [`SOAP_TAGGER_MAX_PRECOND_DIM`].
     pub fn tagger_preset(name: &str) -> Result<OptimizerHparams, OptimizerError> {
-        Self::defaults(name, default_tagger_lr(name)?)
+        let mut h = Self::defaults(name, default_tagger_lr(name)?)?;
+        if name == "soap" {
+            if let Some(lib) = h.library.as_mut() {
+                lib.block_size = Some(SOAP_TAGGER_MAX_PRECOND_DIM);
+            }
+        }
+        Ok(h)
     }
 
     /// What the presets of `name` share before tuning, with peak learning rate `lr`.
@@ -374,20 +381,51 @@ const BLOCK_ADAM_SEARCHED: Searched = Searched {
     eps: 2.1324625496704706e-9,
 };
 
+/// SOAP's: trial 1 of its search (stream 1 of `search/spaces/autoencoder/soap.toml`, 2026-12-03),
+/// the best of its three trials (89.29 / 55.35 / 61.31 final train loss at 10 epochs, seed 0,
+/// against 80.04 with the reference's defaults).
+const SOAP_SEARCHED: Searched = Searched {
+    trial: 1,
+    lr: 8.981622196423681e-3,
+    beta1: 0.9256129353429233,
+    beta2: Some(0.7779392239243175),
+    eps: 1.0522624351664683e-7,
+};
+
+/// Muon's: trial 1 of its search (stream 1 of `search/spaces/autoencoder/muon.toml`, centred on
+/// lr 3e-3, 2026-12-03), the best of its three trials (docs/search/autoencoder-2026-12-03.md: t0
+/// 70.97, t1 55.47 final train loss at 10 epochs, seed 0), against
+/// 376 (at epoch 9) with lr 3e-4. β2 and ε are its AdamW's.
+const MUON_SEARCHED: Searched = Searched {
+    trial: 1,
+    lr: 8.981622196423681e-3,
+    beta1: 0.9256129353429233,
+    beta2: Some(0.945718229037659),
+    eps: 1.0522624351664683e-7,
+};
+
 /// The searched autoencoder settings of `name`, where the search changed its preset (the other
 /// presets kept their values; Shampoo(250) was not searched).
 pub fn autoencoder_searched(name: &str) -> Option<Searched> {
     match name {
         "shampoo-1000" | "sketchy" => Some(SHAMPOO_SKETCHY_SEARCHED),
         "block-adam" => Some(BLOCK_ADAM_SEARCHED),
+        "soap" => Some(SOAP_SEARCHED),
+        "muon" => Some(MUON_SEARCHED),
         _ => None,
     }
 }
 
+/// SOAP's largest rotated side on the tagger: every side of the model's weights (≤ 512 in the
+/// small and the paper's model) but not the vocabulary side of the embedding table (3,356 words
+/// on PTNK), whose 3356×3356 eigendecomposition every 10 steps about doubled the epoch's time.
+pub const SOAP_TAGGER_MAX_PRECOND_DIM: usize = 1024;
+
 /// The default peak learning rate of a preset, tuned on this benchmark (README, "Learning rates
 /// of the presets", says how).
 pub fn default_lr(name: &str) -> Result<f64, OptimizerError> {
-    // Shampoo(1000), Sketchy, Block Adam: searched on equal budgets (with their moments and ε).
+    // Shampoo(1000), Sketchy, Block Adam, SOAP, Muon: searched on equal budgets (with their
+    // moments and ε).
     if let Some(searched) = autoencoder_searched(name) {
         return Ok(searched.lr);
     }
@@ -397,11 +435,6 @@ pub fn default_lr(name: &str) -> Result<f64, OptimizerError> {
         "shared-basis" | "shared-basis-paper" => Ok(1e-4),
         // Same grafting as shared-basis, so the same step norm; not searched (README).
         "shampoo-250" => Ok(1e-4),
-        // The reference's default (not tuned here).
-        "soap" => Ok(3e-3),
-        // Adam's: Muon's step is scaled to AdamW's RMS (AdjustLrFn::MatchRmsAdamW), so that one
-        // rate serves its Muon and AdamW groups (not tuned here).
-        "muon" => Ok(3e-4),
         other => Err(OptimizerError::Unknown(other.to_string())),
     }
 }
@@ -807,6 +840,34 @@ mod tests {
 
     fn adam() -> OptimizerHparams {
         OptimizerHparams::preset("adam").unwrap()
+    }
+
+    /// SOAP's and Muon's autoencoder presets are their searches' best trials to the last digit;
+    /// the tagger keeps the untuned values, with SOAP's vocabulary side unrotated.
+    #[test]
+    fn soap_and_muon_presets_are_the_searched_draws() {
+        for (name, beta2) in [("soap", 0.7779392239243175), ("muon", 0.945718229037659)] {
+            let h = OptimizerHparams::preset(name).unwrap();
+            assert_eq!(
+                (h.lr, h.beta1, h.beta2, h.eps),
+                (
+                    8.981622196423681e-3,
+                    0.9256129353429233,
+                    beta2,
+                    1.0522624351664683e-7
+                ),
+                "{name}"
+            );
+            let t = OptimizerHparams::tagger_preset(name).unwrap();
+            assert_eq!((t.lr, t.beta1), (3e-3, 0.95), "{name}");
+        }
+        let soap = OptimizerHparams::tagger_preset("soap").unwrap();
+        assert_eq!(
+            soap.library.unwrap().block_size,
+            Some(SOAP_TAGGER_MAX_PRECOND_DIM)
+        );
+        let soap = OptimizerHparams::preset("soap").unwrap();
+        assert_eq!(soap.library.unwrap().block_size, Some(10000));
     }
 
     #[test]
