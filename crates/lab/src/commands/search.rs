@@ -1666,7 +1666,10 @@ mod tests {
             .copied()
             .filter(|name| autoencoder_searched(name).is_some())
             .collect();
-        assert_eq!(names, ["shampoo-1000", "sketchy", "block-adam"]);
+        assert_eq!(
+            names,
+            ["shampoo-1000", "sketchy", "block-adam", "soap", "muon"]
+        );
         for name in names {
             let space = Space::load(&default_space("autoencoder", name).unwrap()).unwrap();
             let searched = autoencoder_searched(name).unwrap();

@@ -988,8 +988,11 @@ mod tests {
     /// grafting or momentum buffers. Its preset: decoupled decay 0.01, no momentum, no grafting.
     #[test]
     fn soap_state_bytes_match_the_formula_on_the_autoencoder() {
-        let h = OptimizerHparams::preset("soap").unwrap();
+        let h = OptimizerHparams::tagger_preset("soap").unwrap();
         assert_eq!((h.lr, h.beta1, h.beta2, h.eps), (3e-3, 0.95, 0.95, 1e-8));
+        // The autoencoder's searched values (`soap_and_muon_presets_are_the_searched_draws`),
+        // on the same library settings.
+        let h = OptimizerHparams::preset("soap").unwrap();
         let lib = library_config(&h).unwrap().config().clone();
         assert_eq!(lib.weight_decay.mode, WeightDecayMode::Decoupled);
         assert_eq!(lib.weight_decay.rate, 0.01);
