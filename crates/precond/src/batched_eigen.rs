@@ -157,13 +157,7 @@ impl<T: Scalar> EigenPack<T> {
                 self.a[r * n + c][lane] = v;
             }
         }
-        let (scale, unscale) = power_of_two_scale(largest);
-        self.scale[lane] = scale;
-        self.unscale[lane] = unscale;
-        self.loaded[lane] = true;
-        for (wr, &xr) in self.w.iter_mut().zip(x) {
-            wr[lane] = xr;
-        }
+        self.finish_load(lane, largest, x);
     }
 
     /// [`load`](Self::load) from an n×n matrix held column-major in `a` (its lower triangle is
@@ -177,6 +171,11 @@ impl<T: Scalar> EigenPack<T> {
                 self.a[(c + r) * n + c][lane] = v;
             }
         }
+        self.finish_load(lane, largest, x);
+    }
+
+    /// The rest of a load: lane `lane`'s power-of-two scale from its `largest` entry, and `x`.
+    fn finish_load(&mut self, lane: usize, largest: T, x: &[T]) {
         let (scale, unscale) = power_of_two_scale(largest);
         self.scale[lane] = scale;
         self.unscale[lane] = unscale;

@@ -890,23 +890,27 @@ fn column_sq_sums_serial<T: Scalar>(a: MatRef<'_, T>, out: &mut [T]) {
     let mut j = 0;
     while j < cols {
         let n = GROUP.min(cols - j);
-        let slices: Option<Vec<&[T]>> = (j..j + n)
-            .map(|c| a.col(c).try_as_col_major().map(|c| c.as_slice()))
-            .collect();
-        match slices {
-            Some(slices) if n == GROUP => {
-                let mut acc = [T::zero(); GROUP];
-                for r in 0..rows {
-                    for (s, col) in acc.iter_mut().zip(&slices) {
-                        *s += col[r] * col[r];
-                    }
+        // The group's columns as slices, without allocating (None: a partial group or a
+        // strided column).
+        let mut slices: [&[T]; GROUP] = [&[]; GROUP];
+        let contiguous = n == GROUP
+            && slices.iter_mut().enumerate().all(|(c, s)| {
+                a.col(j + c)
+                    .try_as_col_major()
+                    .map(|col| *s = col.as_slice())
+                    .is_some()
+            });
+        if contiguous {
+            let mut acc = [T::zero(); GROUP];
+            for r in 0..rows {
+                for (s, col) in acc.iter_mut().zip(&slices) {
+                    *s += col[r] * col[r];
                 }
-                out[j..j + GROUP].copy_from_slice(&acc);
             }
-            _ => {
-                for (c, o) in out[j..j + n].iter_mut().enumerate() {
-                    *o = a.col(j + c).iter().fold(T::zero(), |acc, &v| acc + v * v);
-                }
+            out[j..j + GROUP].copy_from_slice(&acc);
+        } else {
+            for (c, o) in out[j..j + n].iter_mut().enumerate() {
+                *o = a.col(j + c).iter().fold(T::zero(), |acc, &v| acc + v * v);
             }
         }
         j += n;
